@@ -1,0 +1,51 @@
+"""graft's command line: one subcommand per step, each a thin call into a library function.
+
+Each package contributes its subcommands through a ``register(subparsers)`` function
+(``convert.commands``, ``extract.commands``, ``heads.commands``, ``finetune.commands``); a
+subcommand sets ``func(args) -> int``. A :class:`convert.errors.GraftError` (or a missing file)
+becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = ("convert.commands", "extract.commands", "heads.commands", "finetune.commands")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a package not (yet) present: its commands are absent
+            if err.name and name.startswith(err.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from convert.errors import GraftError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GraftError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: file not found: {err.filename or err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

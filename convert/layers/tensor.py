@@ -1,0 +1,296 @@
+"""Layers that move, join or combine blobs: Softmax, Eltwise, Concat, Slice, Split, Dropout,
+Flatten, Reshape, Permute, Crop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GraftError
+from ..registry import Converter, register
+from ._common import Lambda, axis_index
+
+
+@register
+class Softmax(Converter):
+    """Softmax over ``axis`` (1 by default, not the last axis)."""
+
+    types = ("Softmax",)
+
+    def _axis(self, node) -> int:
+        return axis_index(node.param("softmax_param").axis, len(node.in_shapes[0]), node.name)
+
+    def onnx(self, node, b):
+        b.add("Softmax", node.inputs, node.outputs, name=node.name, axis=self._axis(node))
+
+    def torch(self, node):
+        axis = self._axis(node)
+        return Lambda(lambda x: F.softmax(x, dim=axis), f"axis={axis}")
+
+
+@register
+class Identity(Converter):
+    """Dropout is the identity at inference; Split copies its bottom to every top."""
+
+    types = ("Dropout", "Split")
+    identity = True
+
+    def onnx(self, node, b):
+        for o in node.outputs:
+            b.add("Identity", node.inputs[:1], [o], name=o if len(node.outputs) > 1 else node.name)
+
+    def torch(self, node):
+        n = len(node.outputs)
+        return Lambda(lambda x: (x,) * n if n > 1 else x, "identity")
+
+
+@register
+class Eltwise(Converter):
+    """SUM (optional per-input coeff), PROD, MAX."""
+
+    types = ("Eltwise",)
+
+    def infer(self, node, shapes):
+        if any(s != shapes[0] for s in shapes):
+            raise GraftError(f"layer '{node.name}': Eltwise inputs differ in shape: {shapes}")
+        return [shapes[0]]
+
+    def _op(self, node):
+        p = node.param("eltwise_param")
+        coeffs = list(p.coeff)
+        if coeffs and len(coeffs) != len(node.inputs):
+            raise GraftError(f"layer '{node.name}': {len(coeffs)} coeffs for {len(node.inputs)} bottoms")
+        return int(p.operation), coeffs
+
+    def onnx(self, node, b):
+        op, coeffs = self._op(node)
+        ins = list(node.inputs)
+        if op == 1 and coeffs and any(c != 1.0 for c in coeffs):
+            ins = [x if c == 1.0 else b.op("Mul", [x, b.const(f"{node.name}/coeff{i}", c)], f"{node.name}/term{i}")
+                   for i, (x, c) in enumerate(zip(ins, coeffs))]
+        if op in (1, 2):
+            b.add("Sum" if op == 1 else "Max", ins, node.outputs, name=node.name)
+            return
+        acc = ins[0]  # PROD: a chain of Mul
+        for i, x in enumerate(ins[1:]):
+            outs = node.outputs if i == len(ins) - 2 else [b.unique(f"{node.name}/prod{i}")]
+            b.add("Mul", [acc, x], outs, name=node.name if i == len(ins) - 2 else outs[0])
+            acc = outs[0]
+
+    def torch(self, node):
+        op, coeffs = self._op(node)
+        if op == 1:
+            cs = coeffs or [1.0] * len(node.inputs)
+            return Lambda(lambda *xs: sum(c * x if c != 1.0 else x for c, x in zip(cs, xs)), f"SUM coeff={cs}")
+        if op == 0:
+            return Lambda(lambda *xs: math.prod(xs[1:], start=xs[0]), "PROD")
+        return Lambda(lambda *xs: torch.stack(xs).amax(0), "MAX")
+
+
+def _concat_axis(node, rank: int) -> int:
+    p = node.param("concat_param")
+    axis = p.axis if p.HasField("axis") or not p.HasField("concat_dim") else p.concat_dim
+    return axis_index(axis, rank, node.name)
+
+
+@register
+class Concat(Converter):
+    types = ("Concat",)
+
+    def infer(self, node, shapes):
+        a = _concat_axis(node, len(shapes[0]))
+        for s in shapes[1:]:
+            if len(s) != len(shapes[0]) or any(x != y for i, (x, y) in enumerate(zip(s, shapes[0])) if i != a):
+                raise GraftError(f"layer '{node.name}': Concat inputs {shapes} differ outside axis {a}")
+        out = list(shapes[0])
+        out[a] = sum(s[a] for s in shapes)
+        return [tuple(out)]
+
+    def onnx(self, node, b):
+        b.add("Concat", node.inputs, node.outputs, name=node.name, axis=_concat_axis(node, len(node.in_shapes[0])))
+
+    def torch(self, node):
+        a = _concat_axis(node, len(node.in_shapes[0]))
+        return Lambda(lambda *xs: torch.cat(xs, dim=a), f"axis={a}")
+
+
+def _slices(node, shape) -> tuple[int, list[int]]:
+    p = node.param("slice_param")
+    axis = p.axis if p.HasField("axis") or not p.HasField("slice_dim") else p.slice_dim
+    a = axis_index(axis, len(shape), node.name)
+    n, total = len(node.outputs), shape[a]
+    points = list(p.slice_point)
+    if points:
+        if len(points) != n - 1:
+            raise GraftError(f"layer '{node.name}': {len(points)} slice points for {n} tops")
+        bounds = [0] + points + [total]
+        sizes = [bounds[i + 1] - bounds[i] for i in range(n)]
+    else:
+        if total % n:
+            raise GraftError(f"layer '{node.name}': axis size {total} does not split evenly into {n} tops")
+        sizes = [total // n] * n
+    if any(s <= 0 for s in sizes):
+        raise GraftError(f"layer '{node.name}': slice points {points} give empty slices of axis size {total}")
+    return a, sizes
+
+
+@register
+class Slice(Converter):
+    types = ("Slice",)
+
+    def infer(self, node, shapes):
+        a, sizes = _slices(node, shapes[0])
+        return [tuple(s if i != a else size for i, s in enumerate(shapes[0])) for size in sizes]
+
+    def onnx(self, node, b):
+        a, sizes = _slices(node, node.in_shapes[0])
+        b.add("Split", [node.inputs[0], b.const(f"{node.name}/sizes", sizes, dtype="int64")], node.outputs,
+              name=node.name, axis=a)
+
+    def torch(self, node):
+        a, sizes = _slices(node, node.in_shapes[0])
+        return Lambda(lambda x: tuple(torch.split(x, sizes, dim=a)), f"axis={a}, sizes={sizes}")
+
+
+def _reshape_target(out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> list[int]:
+    """ONNX Reshape target: static dims, except a preserved leading batch dim copied (0)."""
+    target = list(out_shape)
+    if target and in_shape and target[0] == in_shape[0]:
+        target[0] = 0
+    return target
+
+
+class _Reshapes(Converter):
+    def onnx(self, node, b):
+        target = _reshape_target(node.out_shapes[0], node.in_shapes[0])
+        b.add("Reshape", [node.inputs[0], b.const(f"{node.name}/shape", target, dtype="int64")], node.outputs,
+              name=node.name)
+
+    def torch(self, node):
+        rest = tuple(node.out_shapes[0][1:])
+        keep_batch = node.out_shapes[0][0] == node.in_shapes[0][0]
+        full = tuple(node.out_shapes[0])
+        return Lambda(lambda x: x.reshape((x.shape[0],) + rest) if keep_batch else x.reshape(full), f"-> {full}")
+
+
+@register
+class Flatten(_Reshapes):
+    """Flatten axes ``axis``..``end_axis`` into one."""
+
+    types = ("Flatten",)
+
+    def infer(self, node, shapes):
+        p = node.param("flatten_param")
+        s = shapes[0]
+        a = axis_index(p.axis, len(s), node.name)
+        e = axis_index(p.end_axis, len(s), node.name)
+        return [tuple(s[:a]) + (math.prod(s[a:e + 1]),) + tuple(s[e + 1:])]
+
+
+@register
+class Reshape(_Reshapes):
+    """Caffe Reshape: 0 copies the input dim, -1 infers one; ``axis``/``num_axes`` pick the span."""
+
+    types = ("Reshape",)
+
+    def infer(self, node, shapes):
+        p = node.param("reshape_param")
+        s = list(shapes[0])
+        rank = len(s)
+        start = p.axis + rank + 1 if p.axis < 0 else p.axis
+        end = rank if p.num_axes == -1 else start + p.num_axes
+        if not (0 <= start <= rank and start <= end <= rank):
+            raise GraftError(f"layer '{node.name}': reshape axis {p.axis}/num_axes {p.num_axes} out of range for {tuple(s)}")
+        dims = [int(d) for d in p.shape.dim]
+        new = []
+        for i, d in enumerate(dims):
+            if d == 0:
+                if start + i >= rank:
+                    raise GraftError(f"layer '{node.name}': dim 0 at position {i} copies an axis the input lacks")
+                new.append(s[start + i])
+            else:
+                new.append(d)
+        if new.count(-1) > 1:
+            raise GraftError(f"layer '{node.name}': more than one -1 in reshape dims {dims}")
+        total = math.prod(s[start:end])
+        if -1 in new:
+            known = math.prod(d for d in new if d != -1)
+            if known == 0 or total % known:
+                raise GraftError(f"layer '{node.name}': cannot reshape {tuple(s)} with dims {dims}")
+            new[new.index(-1)] = total // known
+        if math.prod(new) != total:
+            raise GraftError(f"layer '{node.name}': reshape dims {dims} hold {math.prod(new)} values, input span has {total}")
+        return [tuple(s[:start] + new + s[end:])]
+
+
+def _order(node, rank: int) -> list[int]:
+    order = [int(o) for o in node.param("permute_param").order]
+    if sorted(order) != sorted(set(order)) or any(o >= rank for o in order):
+        raise GraftError(f"layer '{node.name}': invalid permute order {order} for a {rank}-D blob")
+    return order + [i for i in range(rank) if i not in order]
+
+
+@register
+class Permute(Converter):
+    types = ("Permute",)
+
+    def infer(self, node, shapes):
+        order = _order(node, len(shapes[0]))
+        return [tuple(shapes[0][i] for i in order)]
+
+    def onnx(self, node, b):
+        b.add("Transpose", node.inputs, node.outputs, name=node.name, perm=_order(node, len(node.in_shapes[0])))
+
+    def torch(self, node):
+        order = _order(node, len(node.in_shapes[0]))
+        return Lambda(lambda x: x.permute(*order).contiguous(), f"order={order}")
+
+
+def _crop(node, shapes) -> tuple[int, list[int], list[int]]:
+    p = node.param("crop_param")
+    src, ref = shapes[0], shapes[1]
+    a = axis_index(p.axis, len(src), node.name)
+    n = len(src) - a
+    offs = list(p.offset)
+    if not offs:
+        offs = [0] * n
+    elif len(offs) == 1:
+        offs = offs * n
+    elif len(offs) != n:
+        raise GraftError(f"layer '{node.name}': {len(offs)} crop offsets for {n} cropped axes")
+    sizes = list(ref[a:])
+    for i, (o, sz) in enumerate(zip(offs, sizes)):
+        if o + sz > src[a + i]:
+            raise GraftError(f"layer '{node.name}': crop offset {o} + size {sz} exceeds axis {a + i} of {tuple(src)}")
+    return a, offs, sizes
+
+
+@register
+class Crop(Converter):
+    """Crop bottom 0 to bottom 1's shape from ``axis`` on, starting at ``offset``."""
+
+    types = ("Crop",)
+
+    def infer(self, node, shapes):
+        a, _, sizes = _crop(node, shapes)
+        return [tuple(shapes[0][:a]) + tuple(sizes)]
+
+    def onnx(self, node, b):
+        a, offs, sizes = _crop(node, node.in_shapes)
+        axes = list(range(a, a + len(offs)))
+        ins = [node.inputs[0], b.const(f"{node.name}/starts", offs, dtype="int64"),
+               b.const(f"{node.name}/ends", [o + s for o, s in zip(offs, sizes)], dtype="int64"),
+               b.const(f"{node.name}/axes", axes, dtype="int64")]
+        b.add("Slice", ins, node.outputs, name=node.name)
+
+    def torch(self, node):
+        a, offs, sizes = _crop(node, node.in_shapes)
+
+        def crop(x, _ref):
+            for i, (o, s) in enumerate(zip(offs, sizes)):
+                x = x.narrow(a + i, o, s)
+            return x
+
+        return Lambda(crop, f"axis={a}, offset={offs}")

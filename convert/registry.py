@@ -1,0 +1,71 @@
+"""Caffe layer type -> converter. One converter per layer family, in ``convert/layers/``.
+
+A converter knows four things about its layer type: the output shapes, the shapes of the
+learned blobs it expects from the caffemodel, how to emit ONNX nodes, and how to build the
+equivalent torch module. Registering a type twice is an error; asking for an unknown type
+names the layer and lists what is supported.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import GraftError
+
+if TYPE_CHECKING:
+    from .emit_onnx import OnnxBuilder
+    from .ir import Node
+
+Shape = tuple[int, ...]
+
+
+class Converter:
+    """Base class: subclasses override what their layer type needs."""
+
+    types: tuple[str, ...] = ()
+    #: computes nothing (Dropout, Split): emitted as identities
+    identity: bool = False
+
+    def infer(self, node: Node, shapes: list[Shape]) -> list[Shape]:
+        """Output shapes; by default one output shaped like the first input."""
+        return [shapes[0]] * max(1, len(node.outputs))
+
+    def weight_shapes(self, node: Node, shapes: list[Shape]) -> list[Shape]:
+        """Shapes of the learned blobs, in Caffe's order and layout."""
+        return []
+
+    def onnx(self, node: Node, g: OnnxBuilder) -> None:
+        raise NotImplementedError
+
+    def torch(self, node: Node) -> Any:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Converter] = {}
+
+
+def register(cls: type[Converter]) -> type[Converter]:
+    """Class decorator: one instance serves every type string in ``cls.types``."""
+    inst = cls()
+    for t in cls.types:
+        if t in _REGISTRY:
+            raise RuntimeError(f"layer type {t!r} registered twice ({type(_REGISTRY[t]).__name__}, {cls.__name__})")
+        _REGISTRY[t] = inst
+    return cls
+
+
+def get_converter(layer_type: str, layer_name: str) -> Converter:
+    from . import layers  # noqa: F401  (fills the registry)
+
+    try:
+        return _REGISTRY[layer_type]
+    except KeyError:
+        raise GraftError(
+            f"layer '{layer_name}': unsupported type '{layer_type}' (supported: {', '.join(supported_types())})"
+        ) from None
+
+
+def supported_types() -> list[str]:
+    from . import layers  # noqa: F401
+
+    return sorted(_REGISTRY)
