@@ -1,0 +1,104 @@
+"""``convert`` and ``inspect`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import GraftError
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    """Preprocessing flags shared by convert and extract."""
+    g = p.add_argument_group("preprocessing (recorded in the package; extract applies it)")
+    g.add_argument("--mean", help="per-channel mean in the model's channel order, e.g. 104,117,123")
+    g.add_argument("--mean-file", help="mean image: Caffe .binaryproto (1xCxHxW) or .npy (CxHxW); centre-cropped to the input")
+    g.add_argument("--scale", type=float, help="multiply after mean subtraction (default 1)")
+    g.add_argument("--channel-order", choices=["bgr", "rgb", "gray"], help="channel order the net expects (default bgr)")
+    g.add_argument("--resize", help="squash-resize to H[,W] before cropping (default: the input size)")
+    g.add_argument("--crop", type=int, help="centre crop to NxN after resizing (0 = none)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a Caffe model into a verified ONNX + PyTorch package",
+                       description="Convert a Caffe model (prototxt + caffemodel, V1 or V2) into a model package.")
+    p.add_argument("--prototxt", help="deploy prototxt (not needed with --preset)")
+    p.add_argument("--caffemodel", required=True, help="trained weights")
+    p.add_argument("--preset", help="a model graft knows (vgg-face): its deploy net and preprocessing")
+    p.add_argument("--name", help="package name (default: preset or prototxt name)")
+    p.add_argument("--out", help="package folder (default artifacts/models/<name>)")
+    p.add_argument("--classes", help="class names file, one per line (line i = class i)")
+    p.add_argument("--input-size", help="override the net's input H[,W] (fully convolutional nets)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check (not recommended)")
+    add_preprocess_args(p)
+    p.set_defaults(func=run_convert)
+
+    q = sub.add_parser("inspect", help="show a package: layers, blobs, shapes, parameters, preprocessing, verification")
+    q.add_argument("model", help="package name under artifacts/models/ or a package folder")
+    q.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    q.set_defaults(func=run_inspect)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .package import convert_model
+    from .parse import net_spec, read_prototxt
+    from .preprocess import build_preprocess, parse_size
+    from .presets import get_preset
+
+    preset = get_preset(args.preset) if args.preset else None
+    if not preset and not args.prototxt:
+        raise GraftError("give --prototxt (or --preset vgg-face)")
+    if preset and args.prototxt:
+        raise GraftError("give --prototxt or --preset, not both")
+    if not Path(args.caffemodel).is_file():
+        raise GraftError(f"{args.caffemodel}: no such file")
+    if preset:
+        from google.protobuf import text_format
+
+        from .proto import pb
+
+        net = pb.NetParameter()
+        text_format.Parse(preset.prototxt, net)
+        spec = net_spec(net, source=f"preset {preset.name}")
+    else:
+        spec = net_spec(read_prototxt(args.prototxt), source=args.prototxt)
+    shape = list(next(iter(spec.inputs.values())))
+    input_size = parse_size(args.input_size, "--input-size")
+    if input_size and len(shape) == 4:
+        shape = shape[:2] + input_size
+    pre, mean_img = (None, None)
+    if len(shape) == 4:
+        pre, mean_img = build_preprocess(
+            shape, mean=args.mean, mean_file=args.mean_file, scale=args.scale, channel_order=args.channel_order,
+            resize=args.resize, crop=args.crop, defaults=preset.preprocess if preset else None)
+    classes = None
+    if args.classes:
+        path = Path(args.classes)
+        if not path.is_file():
+            raise GraftError(f"{path}: no such file")
+        classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    name = args.name or (preset.name if preset else Path(args.prototxt).stem)
+    pkg = convert_model(
+        args.prototxt or (preset.name if preset else None), args.caffemodel, args.out, name,
+        preprocess=pre, mean_image=mean_img, classes=classes, input_size=input_size,
+        prototxt_text=preset.prototxt if preset else None, verify=not args.no_verify)
+    m = pkg.manifest
+    if classes and m["outputs"]:
+        n_out = m["blobs"][m["outputs"][-1]]["shape"][-1]
+        if n_out != len(classes):
+            print(f"warning: {len(classes)} class names but output '{m['outputs'][-1]}' has {n_out} values")
+    v = m["verification"]
+    check = "skipped" if v.get("skipped") else f"{len(v['blobs'])} blobs agree (onnxruntime vs torch)"
+    print(f"converted {name}: {m['params']['total']:,} parameters, {len(m['layers'])} layers, verification {check}, "
+          f"{m['timings_s']['total']:.1f} s -> {pkg.dir}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .package import load_package
+
+    pkg = load_package(args.model)
+    print(json.dumps(pkg.manifest, indent=1) if args.json else pkg.summary())
+    return 0
