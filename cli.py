@@ -2,8 +2,9 @@
 
 Each package contributes its subcommands through a ``register(subparsers)`` function
 (``convert.commands``, ``extract.commands``, ``heads.commands``, ``finetune.commands``); a
-subcommand sets ``func(args) -> int``. A :class:`convert.errors.GraftError` (or a missing file)
-becomes one line on stderr and exit status 2.
+subcommand sets ``func(args) -> int``. Only the package that owns the subcommand is
+imported, so ``convert`` does not pay for scikit-learn. A :class:`convert.errors.GraftError`
+(or a missing file) becomes one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,17 +13,29 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("convert.commands", "extract.commands", "heads.commands", "finetune.commands")
+#: subcommand -> the module that registers it
+COMMANDS = {
+    "convert": "convert.commands",
+    "inspect": "convert.commands",
+    "extract": "extract.commands",
+    "fit-head": "heads.commands",
+    "predict": "heads.commands",
+    "export": "heads.commands",
+    "finetune": "finetune.commands",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    modules = [COMMANDS[wanted]] if wanted in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # a package not (yet) present: its commands are absent
+        except ModuleNotFoundError as err:  # a package not present: its commands are absent
             if err.name and name.startswith(err.name):
                 continue
             raise
@@ -33,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from convert.errors import GraftError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except GraftError as err:

@@ -200,7 +200,7 @@ def convert_model(
         tmp.mkdir()
         try:
             arrays = {f"{n.name}.{i}": w for n in graph.nodes for i, w in enumerate(n.weights)}
-            spans = write_safetensors(tmp / WEIGHTS_FILE, arrays, metadata={"format": FORMAT, "layout": "caffe"})
+            spans, weights_sha = write_safetensors(tmp / WEIGHTS_FILE, arrays, metadata={"format": FORMAT, "layout": "caffe"})
             refs = {k: (WEIGHTS_FILE, off, n) for k, (off, n) in spans.items()}
             onnx_model = emit_onnx(graph, refs)
             import onnx
@@ -214,8 +214,11 @@ def convert_model(
             t_emit = time.perf_counter()
             report: dict[str, Any] = {"passed": None, "skipped": True}
             if verify:
-                net = emit_torch(graph)
-                batch = [2] + shape[1:]
+                from .layers._common import shared_weights
+
+                with shared_weights():  # a throw-away net over the mapped caffemodel: no copy
+                    net = emit_torch(graph)
+                batch = [1] + shape[1:]
                 x = random_inputs(batch, preprocess or {}, mean_image)
                 report = verify_package(graph, onnx_model, tmp, net, x, atol or ATOL, rtol or RTOL)
                 del net
@@ -227,7 +230,7 @@ def convert_model(
                         f"'{worst}' (max abs {s['max_abs']:.3g}, rel {s['max_rel']:.3g}); package not written")
             t_verify = time.perf_counter()
             manifest = _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, shape, preprocess,
-                                 classes, report, tmp)
+                                 classes, report, weights_sha)
             manifest["timings_s"] = {"parse": round(t_parse - t0, 3), "emit": round(t_emit - t_parse, 3),
                                      "verify": round(t_verify - t_emit, 3), "total": round(time.perf_counter() - t0, 3)}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -253,7 +256,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, shape, preprocess, classes, report, tmp) -> dict:
+def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, shape, preprocess, classes, report, weights_sha) -> dict:
     from . import __version__
 
     batch_dynamic = shape[0] == 1
@@ -279,8 +282,9 @@ def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, sha
         "format": FORMAT,
         "graft_version": __version__,
         "name": name,
-        "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
-        "source": {"prototxt": psrc, "caffemodel": _source(caffemodel, model.generation)},
+        "weights_sha256": weights_sha,
+        "source": {"prototxt": psrc, "caffemodel": {"path": str(caffemodel), "sha256": model.sha256(),
+                                                    "generation": model.generation}},
         "input": {"name": next(iter(graph.inputs)), "shape": dims(shape)},
         "outputs": graph.outputs,
         "preprocess": preprocess,

@@ -6,6 +6,7 @@ tensor's byte span, which ``emit_onnx`` records as (location, offset, length).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Mapping
@@ -16,8 +17,10 @@ import numpy as np
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def write_safetensors(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> dict[str, tuple[int, int]]:
-    """Write float32 arrays in the safetensors layout; return {name: (absolute offset, nbytes)}.
+def write_safetensors(path: Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> tuple[dict[str, tuple[int, int]], str]:
+    """Write float32 arrays in the safetensors layout.
+
+    Returns ({name: (absolute offset, nbytes)}, sha256 of the file), hashing as it writes.
 
     The header is padded so that data starts 64-byte aligned (the format allows trailing
     spaces in the header), which lets onnxruntime map weights without copying.
@@ -34,13 +37,16 @@ def write_safetensors(path: Path, arrays: Mapping[str, np.ndarray], metadata: Ma
     pad = (-(8 + len(raw))) % 64
     raw += b" " * pad
     base = 8 + len(raw)
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
         for arr in arrays.values():
-            a = np.ascontiguousarray(arr, dtype="<f4")
-            f.write(memoryview(a).cast("B"))
-    return {k: (base + off, n) for k, (off, n) in spans.items()}
+            view = memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B")
+            f.write(view)
+            digest.update(view)
+    return {k: (base + off, n) for k, (off, n) in spans.items()}, digest.hexdigest()
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -47,6 +47,14 @@ class CaffeModel:
     layers: dict[str, LayerWeights]
     _mmap: mmap.mmap | None = field(default=None, repr=False)
 
+    def sha256(self) -> str:
+        """Digest of the file, read from the map (pages already in memory after parsing)."""
+        import hashlib
+
+        if self._mmap is None:
+            raise ValueError("caffemodel closed")
+        return hashlib.sha256(self._mmap).hexdigest()
+
     def close(self) -> None:
         self.layers = {}
         if self._mmap is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -11,9 +13,29 @@ from torch import nn
 from ..errors import GraftError
 
 
+#: set by ``shared_weights()``: modules view the (read-only) weight arrays instead of copying
+_SHARE = False
+
+
+@contextlib.contextmanager
+def shared_weights():
+    """Build modules over the caller's arrays without copying (for a throw-away inference-only
+    net, e.g. verification straight from the mapped caffemodel); never for training."""
+    global _SHARE
+    _SHARE = True
+    try:
+        yield
+    finally:
+        _SHARE = False
+
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """A float32 torch copy (weights come as read-only views of the mapped caffemodel)."""
-    return torch.tensor(np.array(arr, dtype=np.float32, copy=True))
+    """A float32 tensor: a private copy, or a view of ``arr`` inside ``shared_weights()``."""
+    if _SHARE and arr.dtype == np.float32:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memory: never written here
+            return torch.from_numpy(arr)
+    return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
 
 def param(arr: np.ndarray) -> nn.Parameter:
