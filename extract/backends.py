@@ -1,0 +1,160 @@
+"""Inference backends behind one call: ``backend.run(batch) -> {blob: array}``.
+
+- onnxruntime: the package's ONNX graph cut at the requested blobs (``pkg.onnx_path_for``); CPU,
+  or the CUDA execution provider when onnxruntime-gpu is installed.
+- torch: ``convert.load_torch``; on CUDA with channels_last and fp16/bf16 autocast, on CPU fp32.
+
+``--device auto`` picks the fastest present: torch on CUDA (fp16 autocast) when a GPU is visible,
+else onnxruntime on CPU (measured faster than torch CPU: docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class BackendError(ValueError):
+    """The requested backend/device/precision cannot run here; one-line message."""
+
+
+class Backend(Protocol):
+    """What the pipeline needs from an inference engine."""
+
+    name: str  # e.g. "onnxruntime-cpu", "torch-cuda"
+    device: str  # "cpu" or "cuda"
+    precision: str  # "fp32", "fp16", "bf16": part of the cache key
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 (N, C, H, W) -> {blob: float32 array with N rows}."""
+        ...
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _ort_cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def resolve(backend: str = "auto", device: str = "auto", precision: str = "auto") -> tuple[str, str, str]:
+    """Turn ``auto`` choices into (backend, device, precision) that can run on this machine."""
+    if backend not in BACKENDS or device not in DEVICES or precision not in PRECISIONS:
+        raise BackendError(f"unknown backend/device/precision {backend!r}/{device!r}/{precision!r}")
+    if device == "auto":
+        if backend == "onnxruntime":
+            device = "cuda" if _ort_cuda_available() else "cpu"
+        else:
+            device = "cuda" if _cuda_available() else "cpu"
+    if backend == "auto":
+        backend = "torch" if device == "cuda" else "onnxruntime"
+    if device == "cuda":
+        if backend == "torch" and not _cuda_available():
+            raise BackendError("--device cuda: torch sees no CUDA device")
+        if backend == "onnxruntime" and not _ort_cuda_available():
+            raise BackendError("--device cuda --backend onnxruntime: CUDAExecutionProvider is not available (install onnxruntime-gpu)")
+    if precision == "auto":
+        precision = "fp16" if (device == "cuda" and backend == "torch") else "fp32"
+    if precision != "fp32" and not (backend == "torch" and device == "cuda"):
+        raise BackendError(f"--precision {precision} needs --backend torch on CUDA (autocast); use fp32 here")
+    return backend, device, precision
+
+
+class OrtBackend:
+    """onnxruntime session over the package's ONNX graph with exactly the requested outputs."""
+
+    def __init__(self, pkg: Any, blobs: Sequence[str], device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.blobs = list(blobs)
+        self.device = device
+        self.precision = "fp32"
+        self.name = f"onnxruntime-{device}"
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        # Busy-waiting intra-op threads would steal the cores the decode workers need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(pkg.onnx_path_for(self.blobs)), opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        if set(self.blobs) <= set(names):
+            self.output_names = list(self.blobs)
+        elif len(names) == len(self.blobs):  # graph outputs renamed: trust the requested order
+            self.output_names = names
+        else:
+            raise BackendError(f"ONNX graph outputs {names} do not match requested blobs {self.blobs}")
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return {b: np.asarray(o, dtype=np.float32) for b, o in zip(self.blobs, outs)}
+
+
+class TorchBackend:
+    """``convert.load_torch`` module; CUDA runs channels_last under autocast."""
+
+    def __init__(self, pkg: Any, blobs: Sequence[str], device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
+        import torch
+
+        from convert import load_torch
+
+        self.torch = torch
+        self.blobs = list(blobs)
+        self.device = device
+        self.precision = precision
+        self.name = f"torch-{device}"
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        net = load_torch(pkg).eval()
+        if device == "cuda":
+            net = net.to("cuda", memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.net = net
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        with torch.inference_mode():
+            if self.device == "cuda":
+                x = x.pin_memory().to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                    out = self.net(x, blobs=self.blobs)
+            else:
+                out = self.net(x, blobs=self.blobs)
+            return {b: out[b].float().cpu().numpy() for b in self.blobs}
+
+
+def make_backend(pkg: Any, blobs: Sequence[str], backend: str = "auto", device: str = "auto", precision: str = "auto", threads: int | None = None) -> Backend:
+    """Build the backend ``resolve`` picks for this machine."""
+    backend, device, precision = resolve(backend, device, precision)
+    if backend == "onnxruntime":
+        return OrtBackend(pkg, blobs, device=device, threads=threads)
+    return TorchBackend(pkg, blobs, device=device, precision=precision, threads=threads)
+
+
+def default_batch_size(device: str) -> int:
+    """Big enough to amortise per-call overhead; on CPU larger batches barely help."""
+    return 64 if device == "cuda" else 8
+
+
+def default_workers(device: str) -> int:
+    """Decode threads: all cores on CPU hosts would fight the inference threads for little gain."""
+    n = os.cpu_count() or 1
+    return max(2, min(8, n)) if device == "cuda" else max(1, min(4, n))

@@ -1,0 +1,459 @@
+"""The embedding cache: shards written atomically, a manifest, an index, and the reader.
+
+Layout (docs/cache-format.md)::
+
+    <cache>/                        one folder per model, default artifacts/cache/<model name>/
+      <key>/                        one per (weights, preprocessing, dtype, l2, precision)
+        manifest.json               what the key means + the list of complete shards
+        emb_<blob>_<id>.npy         (rows, D) embeddings of one blob, row i <-> meta row i
+        meta_<id>.parquet           sha256 (+ the path first seen) per row; written last = commit
+        index.parquet               path -> sha256 + label columns of every image extracted
+        failures.csv                path, reason of the last run's bad images
+
+A shard is complete iff its ``meta_<id>.parquet`` exists: embeddings are written first, each
+file through a temp name + ``os.replace``, and the meta file last. Anything else is debris of a
+killed run and is removed by the next writer. Rows are identified by the sha256 of the file's
+bytes, so duplicates and renamed files are computed once.
+
+This module imports only numpy, pandas, pyarrow and the standard library, so caches can be read
+without torch or the rest of graft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT = "graft-cache/1"
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+FAILURES = "failures.csv"
+ID_WIDTH = 6
+STORAGE_DTYPES = ("float32", "float16")
+_META_RE = re.compile(r"^meta_(\d+)\.parquet$")
+_EMB_RE = re.compile(r"^emb_(.+)_(\d+)\.npy$")
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as asked (ambiguous key, unknown layer, locked, corrupt)."""
+
+
+def default_cache_root() -> Path:
+    """``$GRAFT_ARTIFACTS/cache`` or ``artifacts/cache`` under the current directory."""
+    return Path(os.environ.get("GRAFT_ARTIFACTS", "artifacts")) / "cache"
+
+
+def blob_file_stem(blob: str) -> str:
+    """File-name-safe, reversible form of a blob name (``fc7/pre_relu7`` -> ``fc7%2Fpre_relu7``)."""
+    return quote(blob, safe="")
+
+
+def cache_key(config: Mapping[str, Any]) -> str:
+    """Folder name of a key: readable prefix + hash of everything that changes the numbers."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.sha256(blob).hexdigest()[:16]
+    l2 = "-l2" if config.get("l2") else ""
+    return f"{config['dtype']}{l2}-{config.get('precision', 'fp32')}-{digest}"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """Write through ``<path>.<pid>.tmp`` then ``os.replace``: readers see old or new, never half."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
+
+
+def _write_parquet(path: Path, df: pd.DataFrame) -> None:
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    _atomic_write_bytes(path, lambda f: pq.write_table(table, f))
+
+
+def _npy_rows(path: Path) -> tuple[int, ...] | None:
+    """Shape from the .npy header only (no data read); None when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, _ = read(f)
+            return tuple(shape)
+    except (OSError, ValueError):
+        return None
+
+
+def scan_shards(key_dir: Path) -> list[dict[str, Any]]:
+    """Complete shards of a key folder, from the files themselves (the manifest is a summary).
+
+    Pairs ``emb_<blob>_<id>.npy`` with ``meta_<id>.parquet`` by id, never by sort position, and
+    drops (with a warning) any embedding file whose row count differs from its meta file.
+    """
+    names = os.listdir(key_dir) if key_dir.is_dir() else []
+    metas = {m.group(1): n for n in names if (m := _META_RE.match(n))}
+    embs: dict[str, dict[str, str]] = {}
+    for n in names:
+        if (m := _EMB_RE.match(n)) and m.group(2) in metas:
+            embs.setdefault(m.group(2), {})[m.group(1)] = n
+    shards = []
+    for sid in sorted(metas, key=int):
+        rows = pq.read_metadata(key_dir / metas[sid]).num_rows
+        emb = {}
+        for stem, fname in sorted(embs.get(sid, {}).items()):
+            shape = _npy_rows(key_dir / fname)
+            if shape is None or len(shape) != 2 or shape[0] != rows:
+                warnings.warn(f"{key_dir / fname}: shape {shape} does not match {rows} rows in {metas[sid]}; ignored", stacklevel=2)
+                continue
+            emb[stem] = fname
+        shards.append({"id": sid, "rows": rows, "meta": metas[sid], "emb": emb})
+    return shards
+
+
+# --------------------------------------------------------------------------------------------
+# writer
+
+
+class CacheWriter:
+    """Appends embeddings to one key folder; owns an exclusive lock on it while open.
+
+    The writer, not its caller, guarantees exactly-once: :meth:`needs` says which blobs an image
+    still lacks, and :meth:`add` keeps only rows whose blob is missing. Rows are buffered and
+    written as a shard every ``shard_size`` rows (or on :meth:`flush`), each shard holding a set
+    of rows that all needed the same blobs.
+    """
+
+    def __init__(self, key_dir: Path, config: Mapping[str, Any], blobs: Sequence[str], shard_size: int = 4096,
+                 info: Mapping[str, Any] | None = None) -> None:
+        self.dir = Path(key_dir)
+        self.config = dict(config)
+        self.info = dict(info or {})  # descriptive only (model name, blob shapes): not part of the key
+        self.blobs = list(blobs)
+        self.shard_size = max(1, int(shard_size))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.dir / ".lock", "a+")  # noqa: SIM115 (held for the writer's life)
+        try:
+            import fcntl
+
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no locking
+            pass
+        except OSError as err:
+            self._lock_file.close()
+            raise CacheError(f"{self.dir} is being written by another extract run (lock held)") from err
+        self._check_config()
+        self._clean_debris()
+        self.shards = scan_shards(self.dir)
+        self.done: dict[str, set[str]] = {b: set() for b in self.blobs}
+        stems = {blob_file_stem(b): b for b in self.blobs}
+        for shard in self.shards:
+            have = [stems[s] for s in shard["emb"] if s in stems]
+            if have:
+                shas = pq.read_table(self.dir / shard["meta"], columns=["sha256"]).column(0).to_pylist()
+                for b in have:
+                    self.done[b].update(shas)
+        self._next_id = 1 + max((int(s["id"]) for s in self.shards), default=-1)
+        self._buffers: dict[tuple[str, ...], list[tuple[list[str], list[str], dict[str, np.ndarray]]]] = {}
+        self.rows_written = 0
+        self._write_manifest()
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _check_config(self) -> None:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            return
+        old = json.loads(path.read_text())
+        if old.get("format") != FORMAT:
+            raise CacheError(f"{path}: format {old.get('format')!r}, this graft writes {FORMAT!r}")
+        if old.get("config") != json.loads(json.dumps(self.config)):
+            raise CacheError(f"{path}: cache key folder holds a different configuration; refusing to mix")
+
+    def _clean_debris(self) -> None:
+        """Remove temp files and embeddings whose shard never committed (a killed run)."""
+        names = os.listdir(self.dir)
+        metas = {m.group(1) for n in names if (m := _META_RE.match(n))}
+        for n in names:
+            m = _EMB_RE.match(n)
+            if n.endswith(".tmp") or (m and m.group(2) not in metas):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.dir / n).unlink()
+
+    # -- exactly-once -------------------------------------------------------------------------
+
+    def needs(self, sha: str) -> tuple[str, ...]:
+        """Blobs (in request order) that image ``sha`` still lacks in this cache."""
+        return tuple(b for b in self.blobs if sha not in self.done[b])
+
+    def add(self, shas: Sequence[str], paths: Sequence[str], outputs: Mapping[str, np.ndarray]) -> None:
+        """Queue computed rows (all requested blobs); rows/blobs already cached are dropped."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, sha in enumerate(shas):
+            need = self.needs(sha)
+            if need:
+                groups.setdefault(need, []).append(i)
+                for b in need:
+                    self.done[b].add(sha)  # pending rows count as done: duplicates within a run
+        for need, idx in groups.items():
+            arrays = {b: self._finish(b, np.asarray(outputs[b])[idx]) for b in need}
+            self._buffers.setdefault(need, []).append(([shas[i] for i in idx], [paths[i] for i in idx], arrays))
+            if sum(len(s) for s, _, _ in self._buffers[need]) >= self.shard_size:
+                self._flush_group(need)
+
+    def _finish(self, blob: str, a: np.ndarray) -> np.ndarray:
+        """Flatten to (rows, D), optionally L2-normalise (in float32), cast to the storage dtype."""
+        a = np.asarray(a, dtype=np.float32).reshape(len(a), -1)
+        if self.config.get("l2"):
+            a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        return a.astype(self.config["dtype"], copy=False)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(len(s) for parts in self._buffers.values() for s, _, _ in parts)
+
+    def flush(self) -> None:
+        """Write every buffered row (call before exiting, also on Ctrl-C)."""
+        for need in list(self._buffers):
+            self._flush_group(need)
+
+    def _flush_group(self, need: tuple[str, ...]) -> None:
+        parts = self._buffers.pop(need, [])
+        if not parts:
+            return
+        shas = [s for p in parts for s in p[0]]
+        paths = [s for p in parts for s in p[1]]
+        sid = f"{self._next_id:0{ID_WIDTH}d}"
+        self._next_id += 1
+        emb = {}
+        for b in need:
+            arr = np.concatenate([p[2][b] for p in parts])
+            fname = f"emb_{blob_file_stem(b)}_{sid}.npy"
+            _atomic_write_bytes(self.dir / fname, lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
+            emb[blob_file_stem(b)] = fname
+        meta = pd.DataFrame({"sha256": pd.array(shas, dtype="string"), "path": pd.array(paths, dtype="string")})
+        _write_parquet(self.dir / f"meta_{sid}.parquet", meta)  # the commit point of the shard
+        self.shards.append({"id": sid, "rows": len(shas), "meta": f"meta_{sid}.parquet", "emb": emb})
+        self.rows_written += len(shas)
+        self._write_manifest()
+
+    def _write_manifest(self, extra: Mapping[str, Any] | None = None) -> None:
+        path = self.dir / MANIFEST
+        old = json.loads(path.read_text()) if path.exists() else {}
+        blobs = dict(old.get("blobs", {}))
+        for shard in self.shards:
+            for stem, fname in shard["emb"].items():
+                if stem not in {blob_file_stem(b) for b in blobs}:
+                    blob = next((b for b in self.blobs if blob_file_stem(b) == stem), None)
+                    if blob is not None:
+                        shape = _npy_rows(self.dir / fname)
+                        blobs[blob] = {"file_stem": f"emb_{stem}", "dim": int(shape[1]) if shape else None}
+        for b, shape in self.info.get("blob_shapes", {}).items():
+            if b in blobs:
+                blobs[b]["shape"] = shape
+        rows = {b: sum(s["rows"] for s in self.shards if blob_file_stem(b) in s["emb"]) for b in blobs}
+        manifest = {
+            "format": FORMAT,
+            "key": self.dir.name,
+            "config": self.config,
+            "model": self.info.get("model", old.get("model")),
+            "blobs": blobs,
+            "rows": rows,
+            "shards": self.shards,
+            "index": INDEX,
+            "failures": FAILURES,
+            "runs": old.get("runs", []),
+            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if extra:
+            manifest.update(extra)
+        _write_json(path, manifest)
+
+    def record_run(self, info: Mapping[str, Any]) -> None:
+        """Append a run summary (backend, precision, counts, time) to the manifest."""
+        path = self.dir / MANIFEST
+        runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+        self._write_manifest({"runs": (runs + [dict(info)])[-100:]})
+
+    def update_index(self, records: pd.DataFrame, failed_paths: Iterable[str]) -> int:
+        """Merge this run's (path, sha256, labels) into index.parquet; failed paths are dropped.
+
+        Rows of earlier runs with other paths are kept, so several inputs (train, test) can share
+        a cache; a path seen again takes its new content hash and labels.
+        """
+        failed = set(failed_paths)
+        new = records[~records["path"].isin(failed) & records["sha256"].notna()].copy()
+        path = self.dir / INDEX
+        if path.exists():
+            old = pd.read_parquet(path)
+            old = old[~old["path"].isin(set(records["path"]))]
+            new = pd.concat([old, new], ignore_index=True) if len(old) else new
+        new = new.reset_index(drop=True)
+        _write_parquet(path, new)
+        return len(new)
+
+    def write_failures(self, failures: pd.DataFrame) -> Path:
+        """failures.csv (path, reason) of this run; replaced on every run."""
+        path = self.dir / FAILURES
+        _atomic_write_bytes(path, lambda f: f.write(failures[["path", "reason"]].to_csv(index=False).encode()))
+        return path
+
+    def close(self) -> None:
+        self.flush()
+        if not self._lock_file.closed:
+            self._lock_file.close()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.flush()
+        finally:
+            self._lock_file.close()
+
+
+# --------------------------------------------------------------------------------------------
+# reader
+
+
+def _resolve_model_dir(name_or_dir: str | os.PathLike, cache_root: str | os.PathLike | None) -> Path:
+    p = Path(name_or_dir)
+    if p.is_dir():
+        return p
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    if (root / str(name_or_dir)).is_dir():
+        return root / str(name_or_dir)
+    raise CacheError(f"no cache for {str(name_or_dir)!r}: not a folder, and {root / str(name_or_dir)} does not exist (run `graft extract` first)")
+
+
+def list_keys(name_or_dir: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Manifests of every key folder of a model's cache (or of the key folder itself)."""
+    d = _resolve_model_dir(name_or_dir, cache_root)
+    dirs = [d] if (d / MANIFEST).exists() else sorted(p for p in d.iterdir() if (p / MANIFEST).exists())
+    out = []
+    for k in dirs:
+        m = json.loads((k / MANIFEST).read_text())
+        if m.get("format") != FORMAT:
+            continue
+        m["_dir"] = str(k)
+        out.append(m)
+    return out
+
+
+def _describe(m: Mapping[str, Any]) -> str:
+    c = m["config"]
+    pp = c.get("preprocess", {})
+    return (
+        f"{m['key']} (blobs {sorted(m.get('blobs', {}))}, dtype={c.get('dtype')}, l2={c.get('l2')}, "
+        f"precision={c.get('precision')}, channel_order={pp.get('channel_order')}, mean={pp.get('mean')}, "
+        f"scale={pp.get('scale')}, resize={pp.get('resize')}, crop={pp.get('crop')})"
+    )
+
+
+def load_embeddings(
+    name_or_dir: str | os.PathLike,
+    layer: str | None = None,
+    *,
+    dtype: str | None = None,
+    l2: bool | None = None,
+    precision: str | None = None,
+    key: str | None = None,
+    cache_root: str | os.PathLike | None = None,
+    mmap: bool = True,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Embeddings of one blob and their rows: ``X`` (N, D) and ``meta`` (path, sha256, labels).
+
+    ``name_or_dir`` is a model name (looked up under ``artifacts/cache/``), a ``--cache`` folder,
+    or one key folder. When several keys hold ``layer`` (two preprocessings, dtypes, ...), choose
+    with ``dtype=``, ``l2=``, ``precision=`` or ``key=``; otherwise the error lists them.
+
+    One row per indexed image path: an image present under two paths (two labels) appears twice.
+    ``X`` is a read-only memory map when the rows are exactly one shard in order; otherwise a
+    gathered in-memory array. Indexed paths without embeddings (an interrupted or failed run)
+    are left out with a warning.
+    """
+    keys = list_keys(name_or_dir, cache_root)
+    if not keys:
+        raise CacheError(f"no cache keys under {_resolve_model_dir(name_or_dir, cache_root)}")
+    if layer is None:
+        blobs = sorted({b for m in keys for b in m.get("blobs", {})})
+        if len(blobs) != 1:
+            raise CacheError(f"give layer=: the cache holds blobs {blobs}")
+        layer = blobs[0]
+    cands = [m for m in keys if layer in m.get("blobs", {})]
+    if not cands:
+        blobs = sorted({b for m in keys for b in m.get("blobs", {})})
+        raise CacheError(f"no embeddings of layer {layer!r}; cached layers: {blobs}")
+    if key is not None:
+        cands = [m for m in cands if m["key"] == key]
+    if dtype is not None:
+        cands = [m for m in cands if m["config"].get("dtype") == dtype]
+    if l2 is not None:
+        cands = [m for m in cands if bool(m["config"].get("l2")) == bool(l2)]
+    if precision is not None:
+        cands = [m for m in cands if m["config"].get("precision") == precision]
+    if len(cands) != 1:
+        listed = "; ".join(_describe(m) for m in [m for m in keys if layer in m.get("blobs", {})])
+        what = "no cache key matches" if not cands else f"{len(cands)} cache keys hold layer {layer!r}"
+        raise CacheError(f"{what}; choose with key=/dtype=/l2=/precision=: {listed}")
+    return read_key(Path(cands[0]["_dir"]), layer, mmap=mmap)
+
+
+def read_key(key_dir: Path, blob: str, mmap: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
+    """``(X, meta)`` of ``blob`` from one key folder (see :func:`load_embeddings`)."""
+    stem = blob_file_stem(blob)
+    shards = [s for s in scan_shards(key_dir) if stem in s["emb"]]
+    metas = [pq.read_table(key_dir / s["meta"], columns=["sha256"]).column(0).to_pylist() for s in shards]
+    arrays = [np.load(key_dir / s["emb"][stem], mmap_mode="r" if mmap else None) for s in shards]
+    where: dict[str, tuple[int, int]] = {}
+    for si, shas in enumerate(metas):
+        for ri, sha in enumerate(shas):
+            where.setdefault(sha, (si, ri))  # a duplicate (two racing writers) is read once
+    index_path = key_dir / INDEX
+    if index_path.exists():
+        meta = pd.read_parquet(index_path)
+    else:  # no run finished yet: one row per cached image, paths as first seen
+        meta = pd.concat([pd.read_parquet(key_dir / s["meta"]) for s in shards], ignore_index=True) if shards else pd.DataFrame({"sha256": [], "path": []})
+        meta = meta.drop_duplicates("sha256")[["path", "sha256"]]
+    have = meta["sha256"].isin(where.keys())
+    if not have.all():
+        warnings.warn(f"{key_dir}: {int((~have).sum())} indexed image(s) have no {blob!r} embedding yet (interrupted or failed run); left out", stacklevel=2)
+        meta = meta[have]
+    meta = meta.reset_index(drop=True)
+    dim = int(arrays[0].shape[1]) if arrays else 0
+    dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
+    pos = [where[s] for s in meta["sha256"]]
+    if len(arrays) == 1 and [r for _, r in pos] == list(range(arrays[0].shape[0])):
+        return arrays[0], meta
+    X = np.empty((len(pos), dim), dtype=dtype)
+    if pos:
+        si = np.fromiter((p[0] for p in pos), dtype=np.int64, count=len(pos))
+        ri = np.fromiter((p[1] for p in pos), dtype=np.int64, count=len(pos))
+        for s, arr in enumerate(arrays):
+            sel = np.nonzero(si == s)[0]
+            if len(sel):
+                X[sel] = arr[ri[sel]]
+    return X, meta

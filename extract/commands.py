@@ -1,0 +1,113 @@
+"""``graft extract``: cache embeddings of named blobs for a folder, CSV or Caffe list of images."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from typing import Any
+
+
+def _floats(text: str) -> list[float]:
+    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
+    try:
+        return [float(p) for p in parts]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from err
+
+
+def _size(text: str) -> list[int] | int:
+    """``256`` (square), ``256,256`` or ``256x256`` (H, W); ``0`` for none."""
+    vals = _floats(text)
+    if len(vals) == 1:
+        return int(vals[0])
+    if len(vals) == 2:
+        return [int(v) for v in vals]
+    raise argparse.ArgumentTypeError(f"expected N or H,W, got {text!r}")
+
+
+def _mean(text: str) -> list[float]:
+    vals = _floats(text)
+    if len(vals) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 values (model channel order), got {text!r}")
+    return vals * 3 if len(vals) == 1 else vals
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``extract`` subcommand to graft's command line."""
+    p = subparsers.add_parser(
+        "extract",
+        help="cache embeddings of named blobs for a set of images (resumable)",
+        description="Run a converted model over images and cache the named blobs, one row per distinct image "
+        "(sha256 of its bytes). Re-running the same command resumes; nothing is computed twice.",
+    )
+    p.add_argument("--model", required=True, help="model package: a name under artifacts/models/ or a folder")
+    p.add_argument("--layer", required=True, action="append", metavar="BLOB[,BLOB...]",
+                   help="blob name(s), as in the package manifest (post in-place value; '<blob>/pre_<layer>' for the raw one)")
+    src = p.add_argument_group("input (exactly one)")
+    src.add_argument("--images", metavar="DIR", help="folder, recursive; the containing sub-folder becomes the `label` column")
+    src.add_argument("--csv", metavar="FILE", help="CSV with a path column; every other column is kept as a label")
+    src.add_argument("--list", dest="list_file", metavar="FILE", help="Caffe list file: 'relative/path.jpg LABEL' per line")
+    src.add_argument("--path-column", metavar="NAME", help="CSV column holding the image path (default: guessed: path, file, image, ...)")
+    src.add_argument("--root", metavar="DIR", help="folder relative paths of --csv/--list resolve against (default: that file's folder)")
+    pp = p.add_argument_group("preprocessing overrides (default: the package manifest's)")
+    pp.add_argument("--mean", type=_mean, metavar="M[,M,M]", help="per-channel mean, model channel order (replaces a mean image)")
+    pp.add_argument("--scale", type=float, help="multiply after mean subtraction")
+    pp.add_argument("--channel-order", choices=("rgb", "bgr"), help="channel order the network expects")
+    pp.add_argument("--resize", type=_size, metavar="N|H,W", help="squash-resize to this size first (0: none)")
+    pp.add_argument("--crop", type=_size, metavar="N|H,W", help="centre crop after resizing (0: none)")
+    run = p.add_argument_group("running")
+    run.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="auto: torch+CUDA (fp16 autocast) when a GPU is visible, else onnxruntime on CPU")
+    run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                     help="compute precision; fp16/bf16 need torch on CUDA (part of the cache key)")
+    run.add_argument("--batch-size", type=_positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
+    run.add_argument("--workers", type=_positive, help="decode threads (default: min(4, cores) on CPU, min(8, cores) on CUDA)")
+    out = p.add_argument_group("cache")
+    out.add_argument("--cache", metavar="DIR", help="model cache folder (default: artifacts/cache/<model name>)")
+    out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
+    out.add_argument("--l2", action="store_true", help="store L2-normalised rows (recorded in the cache key)")
+    out.add_argument("--shard-size", type=_positive, default=4096, help="rows per shard file (also the most a kill can lose)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_extract)
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """CLI entry: load inputs, run, print the summary; exit 1 when any image failed."""
+    from convert.errors import GraftError
+    from extract.backends import BackendError
+    from extract.cache import CacheError
+    from extract.pipeline import extract, format_summary
+    from extract.preprocess import ImageError
+    from extract.sources import SourceError, load_records
+
+    blobs = [b.strip() for spec in args.layer for b in spec.split(",") if b.strip()]
+    if not blobs:
+        raise GraftError("--layer: no blob names given")
+    overrides = {"mean": args.mean, "scale": args.scale, "channel_order": args.channel_order, "resize": args.resize, "crop": args.crop}
+    try:
+        records = load_records(images=args.images, csv=args.csv, list_file=args.list_file, root=args.root, path_column=args.path_column)
+        old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a scheduler's kill flushes buffered rows too
+        try:
+            summary, _ = extract(
+                args.model, blobs, records, cache=args.cache, preprocess=overrides, backend=args.backend, device=args.device,
+                precision=args.precision, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, l2=args.l2,
+                shard_size=args.shard_size, progress=not args.no_progress,
+            )
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    except (SourceError, CacheError, BackendError, ImageError, ValueError) as err:
+        raise GraftError(str(err)) from err
+    print(format_summary(summary))
+    return 1 if summary.failed else 0

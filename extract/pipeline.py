@@ -1,0 +1,300 @@
+"""The extraction loop: hash -> skip what is cached -> decode in workers -> infer -> shard.
+
+Images are identified by the sha256 of their bytes, so the loop computes each distinct image once
+per cache key: duplicates, renamed files and everything a killed run had committed are skipped.
+Decoding runs ahead in a thread pool (PIL and numpy release the GIL) while the main thread runs
+the network, so the two overlap. Interrupted runs lose at most the rows not yet flushed to a shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from extract.cache import CacheWriter
+from extract.preprocess import ImageError, Preprocess
+
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Summary:
+    """What a run did; printed by the CLI and appended to the cache manifest."""
+
+    images: int = 0  # rows in the input
+    unique: int = 0  # distinct contents among the readable ones
+    cached: int = 0  # distinct contents already complete in the cache before this run
+    computed: int = 0  # distinct contents run through the network now
+    failed: int = 0  # input rows that could not be used
+    seconds: float = 0.0  # wall time of the whole run
+    infer_seconds: float = 0.0  # wall time of the decode+infer loop
+    backend: str = ""
+    precision: str = ""
+    batch_size: int = 0
+    workers: int = 0
+    blobs: list[str] = field(default_factory=list)
+    cache_dir: str = ""
+    failures_path: str | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the decode+infer loop (computed images per second)."""
+        return self.computed / self.infer_seconds if self.infer_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["images_per_s"] = round(self.images_per_s, 2)
+        return d
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes (the image's identity in every cache)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_one(path: str) -> tuple[str | None, str | None]:
+    """(sha256, None) or (None, reason) for files that cannot even be read."""
+    try:
+        if os.path.isdir(path):
+            return None, "is a folder"
+        if os.path.getsize(path) == 0:
+            return None, "empty file"
+        return sha256_file(path), None
+    except FileNotFoundError:
+        return None, "missing file"
+    except OSError as err:
+        return None, f"unreadable: {err.strerror or err}"
+
+
+def _load_one(pp: Preprocess, path: str, shape: tuple[int, ...] | None) -> np.ndarray | str:
+    """Decoded network input, or the failure reason (never raises: workers must not die)."""
+    try:
+        x = pp.load(path)
+    except ImageError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 (any decoder bug is one bad image, not a dead run)
+        return f"{type(err).__name__}: {err}"
+    if shape is not None and x.shape != shape:
+        return f"preprocessed to {x.shape}, the network takes {shape}"
+    return x
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[str], Any], items: Sequence[tuple[str, str]], depth: int) -> Iterator[tuple[str, str, Any]]:
+    """Yield ``(sha, path, fn(path))`` in order while up to ``depth`` calls run ahead."""
+    it = iter(items)
+    queue: deque[tuple[str, str, Future]] = deque()
+    for sha, path in it:
+        queue.append((sha, path, pool.submit(fn, path)))
+        if len(queue) >= depth:
+            break
+    while queue:
+        sha, path, fut = queue.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append((nxt[0], nxt[1], pool.submit(fn, nxt[1])))
+        yield sha, path, fut.result()
+
+
+def run_pipeline(
+    records: pd.DataFrame,
+    backend: Any,
+    writer: CacheWriter,
+    pp: Preprocess,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+    progress: bool = True,
+    flush_every_s: float = 30.0,
+) -> tuple[Summary, pd.DataFrame]:
+    """Compute every image of ``records`` the cache lacks; returns the summary and the failures.
+
+    ``records`` gains a ``sha256`` column. The index and failures file are updated at the end,
+    so an interrupted run leaves the previous index untouched (its shards are still kept).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    summary = Summary(images=len(records), backend=getattr(backend, "name", type(backend).__name__),
+                      precision=getattr(backend, "precision", "fp32"), batch_size=batch_size, workers=workers,
+                      blobs=list(writer.blobs), cache_dir=str(writer.dir))
+    paths = records["path"].astype(str).tolist()
+    failures: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-decode") as pool:
+        hashed = list(tqdm(pool.map(_hash_one, paths, chunksize=16), total=len(paths), desc="hashing", unit="file",
+                           disable=not progress, leave=False))
+        shas: list[str | None] = []
+        for path, (sha, reason) in zip(paths, hashed):
+            shas.append(sha)
+            if reason is not None:
+                failures[path] = reason
+        records["sha256"] = pd.array(shas, dtype="string")
+
+        first_path: dict[str, str] = {}
+        for path, sha in zip(paths, shas):
+            if sha is not None:
+                first_path.setdefault(sha, path)
+        summary.unique = len(first_path)
+        todo = [(sha, p) for sha, p in first_path.items() if writer.needs(sha)]
+        summary.cached = summary.unique - len(todo)
+
+        in_shape = pp.input_shape()
+        bad_sha: dict[str, str] = {}
+        t1 = time.perf_counter()
+        last_flush = t1
+        bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        try:
+            batch: list[np.ndarray] = []
+            batch_sha: list[str] = []
+            batch_path: list[str] = []
+
+            def run_batch() -> None:
+                out = backend.run(np.stack(batch))
+                writer.add(batch_sha, batch_path, out)
+                summary.computed += len(batch)
+                bar.update(len(batch))
+                batch.clear()
+                batch_sha.clear()
+                batch_path.clear()
+
+            for sha, path, x in _prefetch(pool, lambda p: _load_one(pp, p, in_shape), todo, depth=max(2 * batch_size, 4 * workers)):
+                if isinstance(x, str):
+                    bad_sha[sha] = x
+                    bar.update(1)
+                    bar.set_postfix(failed=len(bad_sha), refresh=False)
+                    continue
+                batch.append(x)
+                batch_sha.append(sha)
+                batch_path.append(path)
+                if len(batch) >= batch_size:
+                    run_batch()
+                    if time.perf_counter() - last_flush > flush_every_s:
+                        writer.flush()  # bound the work a kill can lose
+                        last_flush = time.perf_counter()
+            if batch:
+                run_batch()
+        finally:
+            bar.close()
+            writer.flush()  # also on Ctrl-C: every computed row is complete, keep it
+        summary.infer_seconds = time.perf_counter() - t1
+
+    for path, sha in zip(paths, shas):
+        if sha is not None and sha in bad_sha:
+            failures[path] = bad_sha[sha]
+    summary.failed = len(failures)
+    fail_df = pd.DataFrame({"path": list(failures), "reason": list(failures.values())})
+    writer.update_index(records, failures)
+    if failures or (writer.dir / "failures.csv").exists():
+        summary.failures_path = str(writer.write_failures(fail_df)) if failures else None
+        if not failures:
+            (writer.dir / "failures.csv").unlink()
+    summary.seconds = time.perf_counter() - t0
+    writer.record_run({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary.as_dict()})
+    return summary, fail_df
+
+
+def format_summary(s: Summary) -> str:
+    """The few lines the CLI prints at the end of a run."""
+    lines = [
+        f"images: {s.images} ({s.unique} distinct; {s.cached} already cached, {s.computed} computed, {s.failed} failed)",
+        f"throughput: {s.images_per_s:.1f} images/s ({s.backend}, {s.precision}, batch {s.batch_size}, {s.workers} workers); total {s.seconds:.1f} s",
+        f"cache: {s.cache_dir} (blobs: {', '.join(s.blobs)})",
+    ]
+    if s.failures_path:
+        lines.append(f"failures: {s.failed} image(s) skipped, listed in {s.failures_path}")
+    return "\n".join(lines)
+
+
+
+def resolve_preprocess(pkg: Any, overrides: dict[str, Any] | None = None) -> Preprocess:
+    """The package's preprocessing with command-line overrides applied (``None`` = keep)."""
+    d = dict(pkg.preprocess)
+    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "mean" in ov:
+        d["mean_file"] = None  # a per-channel mean given by hand replaces the mean image
+    d.update(ov)
+    if not d.get("input_size") and pkg.input_shape and len(pkg.input_shape) == 4 and pkg.input_shape[2]:
+        d["input_size"] = list(pkg.input_shape[2:])
+    mean_image = None
+    if d.get("mean_file") and d.get("mean") is None:
+        mf = Path(d["mean_file"])
+        mean_image = np.load(mf if mf.is_absolute() else Path(pkg.dir) / mf)
+    return Preprocess.from_dict(d, mean_image=mean_image)
+
+
+def cache_config(weights_sha256: str, pp: Preprocess, dtype: str, l2: bool, precision: str) -> dict[str, Any]:
+    """Everything that changes the cached numbers: the identity of a cache key folder."""
+    return {"weights_sha256": weights_sha256, "preprocess": pp.to_dict(), "dtype": dtype, "l2": bool(l2), "precision": precision}
+
+
+def extract(
+    model: str | Path,
+    blobs: Sequence[str],
+    records: pd.DataFrame,
+    *,
+    cache: str | Path | None = None,
+    preprocess: dict[str, Any] | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    dtype: str = "float32",
+    l2: bool = False,
+    shard_size: int = 4096,
+    progress: bool = True,
+) -> tuple[Summary, pd.DataFrame]:
+    """Embeddings of ``blobs`` of a model package for every image of ``records``, cached.
+
+    ``model`` is a package name or folder (``convert.load_package``); ``cache`` the model's cache
+    folder (default ``artifacts/cache/<model name>``); the key folder inside it is chosen by the
+    weights, preprocessing, dtype, l2 and precision.
+    """
+    from convert import load_package
+    from extract.backends import default_batch_size, default_workers, make_backend
+    from extract.cache import STORAGE_DTYPES, cache_key, default_cache_root
+
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    pkg = load_package(model)
+    blobs = list(dict.fromkeys(blobs))
+    unknown = [b for b in blobs if b not in pkg.blobs]
+    if unknown:
+        import difflib
+
+        def near(b: str) -> list[str]:
+            written = [n for n, info in pkg.blobs.items() if isinstance(info, dict) and info.get("layer") == b]
+            return written or difflib.get_close_matches(b, list(pkg.blobs), n=3)
+
+        hints = {b: near(b) for b in unknown}
+        hint = "; ".join(f"{b!r} (did you mean {', '.join(h)}?)" if h else repr(b) for b, h in hints.items())
+        raise ValueError(f"model {pkg.manifest.get('name', model)} has no blob {hint}; blobs: {', '.join(pkg.blobs)}")
+    pp = resolve_preprocess(pkg, preprocess)
+    if pp.output_size() is None:
+        raise ValueError("the package gives no input size; pass --resize H,W")
+    net = make_backend(pkg, blobs, backend=backend, device=device, precision=precision)
+    name = pkg.manifest.get("name") or Path(pkg.dir).name
+    model_dir = Path(cache) if cache is not None else default_cache_root() / name
+    config = cache_config(pkg.weights_sha256, pp, dtype, l2, net.precision)
+    info = {"model": {"name": name, "package": str(pkg.dir), "weights_sha256": pkg.weights_sha256},
+            "blob_shapes": {b: pkg.blobs[b].get("shape") for b in blobs}}
+    writer = CacheWriter(model_dir / cache_key(config), config, blobs, shard_size=shard_size, info=info)
+    try:
+        return run_pipeline(records, net, writer, pp,
+                            batch_size=batch_size or default_batch_size(net.device),
+                            workers=workers or default_workers(net.device), progress=progress)
+    finally:
+        writer.close()
