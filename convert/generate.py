@@ -79,7 +79,7 @@ def random_blobs(layer_type: str, shapes: list[tuple[int, ...]], rng: np.random.
     for i, s in enumerate(shapes):
         if i == 0 and len(s) >= 2:
             fan_in = math.prod(s[1:]) if layer_type != "Deconvolution" else s[0] * math.prod(s[2:])
-            out.append((rng.standard_normal(s, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan_in))))
+            out.append(rng.standard_normal(s, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan_in)))
         else:
             out.append(rng.normal(0, 0.01, s).astype(np.float32))
     return out

@@ -12,7 +12,6 @@ from torch import nn
 
 from ..errors import GraftError
 
-
 #: set by ``shared_weights()``: modules view the (read-only) weight arrays instead of copying
 _SHARE = False
 
