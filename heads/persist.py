@@ -1,0 +1,157 @@
+"""A head on disk: ``head.joblib`` (the estimator) + ``card.json`` (what it is and what it needs).
+
+The card names the task, the label names, the model (by weights sha256) and blob, the cache key
+the features came from, the preprocessing, the scores and the library versions. Loading checks
+the card against the model / blob / cache it is about to be used with and lists every mismatch
+in one message: features of another blob or other preprocessing would give confident nonsense.
+
+Security: ``head.joblib`` is a pickle; loading it runs code. Load only heads you made or trust.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import joblib
+
+from convert.errors import GraftError
+
+CARD_FORMAT = "graft-head/1"
+CARD = "card.json"
+ESTIMATOR = "head.joblib"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter for unpickling and for reproducing the numbers."""
+    import numpy
+    import pandas
+    import scipy
+    import sklearn
+
+    out = {
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "joblib": joblib.__version__,
+        "pandas": pandas.__version__,
+    }
+    try:
+        from importlib.metadata import version
+
+        out["graft"] = version("graft")
+    except Exception:  # not installed as a distribution: running from the source tree
+        out["graft"] = "source"
+    return out
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class AtomicDir:
+    """Write into a temporary sibling folder; on success it replaces ``target`` in one rename.
+
+    A crash leaves the old head (or nothing) in place, never half a head. The previous folder,
+    if any, is moved aside first and removed only after the new one is in place.
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_estimator(folder: Path, est: Any, card: dict) -> None:
+    """Write the estimator and its card into ``folder`` (normally an :class:`AtomicDir`)."""
+    joblib.dump(est, Path(folder) / ESTIMATOR, compress=3)
+    (Path(folder) / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
+
+
+def read_card(head_dir: str | os.PathLike) -> dict:
+    p = Path(head_dir) / CARD
+    if not p.exists():
+        raise GraftError(f"{head_dir} is not a head folder (no {CARD})")
+    card = json.loads(p.read_text())
+    if card.get("format") != CARD_FORMAT:
+        raise GraftError(f"{p}: format {card.get('format')!r}, expected {CARD_FORMAT!r}")
+    return card
+
+
+def check_card(
+    card: dict,
+    *,
+    weights_sha256: str | None = None,
+    layer: str | None = None,
+    cache_config: dict | None = None,
+    feature_dim: int | None = None,
+) -> list[str]:
+    """Every way the card disagrees with what it is about to be used with (empty: all agree)."""
+    diffs = []
+    want = card.get("model", {}).get("weights_sha256")
+    if weights_sha256 is not None and want and weights_sha256 != want:
+        diffs.append(f"model weights sha256 {weights_sha256[:12]}… but the head was trained on {want[:12]}… ({card['model'].get('name')})")
+    if layer is not None and layer != card.get("layer"):
+        diffs.append(f"layer {layer!r} but the head was trained on {card.get('layer')!r}")
+    if feature_dim is not None and card.get("feature_dim") and int(feature_dim) != int(card["feature_dim"]):
+        diffs.append(f"{feature_dim}-d features but the head expects {card['feature_dim']}-d")
+    have = (card.get("cache") or {}).get("config")
+    if cache_config is not None and have:
+        for k in sorted(set(have) | set(cache_config)):
+            if k in ("preprocess",) and isinstance(have.get(k), dict) and isinstance(cache_config.get(k), dict):
+                for kk in sorted(set(have[k]) | set(cache_config[k])):
+                    if have[k].get(kk) != cache_config[k].get(kk):
+                        diffs.append(f"cache preprocess.{kk} = {cache_config[k].get(kk)!r} but the head's features used {have[k].get(kk)!r}")
+            elif have.get(k) != cache_config.get(k):
+                diffs.append(f"cache {k} = {cache_config.get(k)!r} but the head's features used {have.get(k)!r}")
+    return diffs
+
+
+def load_head(
+    head_dir: str | os.PathLike,
+    *,
+    weights_sha256: str | None = None,
+    layer: str | None = None,
+    cache_config: dict | None = None,
+    feature_dim: int | None = None,
+) -> tuple[Any, dict]:
+    """The estimator and card of a head folder, after checking the card against what is given.
+
+    Raises :class:`GraftError` listing every difference. Warns when the scikit-learn version
+    differs from the one that pickled the head. ``head.joblib`` runs code when loaded: trust it.
+    """
+    card = read_card(head_dir)
+    diffs = check_card(card, weights_sha256=weights_sha256, layer=layer, cache_config=cache_config, feature_dim=feature_dim)
+    if diffs:
+        raise GraftError(f"head {head_dir} does not match: " + "; ".join(diffs))
+    import sklearn
+
+    saved = card.get("versions", {}).get("scikit-learn")
+    if saved and saved != sklearn.__version__:
+        warnings.warn(f"head {head_dir} was saved with scikit-learn {saved}, this is {sklearn.__version__}", stacklevel=2)
+    est = joblib.load(Path(head_dir) / ESTIMATOR)
+    return est, card

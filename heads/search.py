@@ -1,0 +1,283 @@
+"""Hyper-parameter (and head) choice by cross-validation on the training split only.
+
+Three paths, one result table:
+
+* **ridge** without PCA: per fold, sufficient statistics (sum, Gram, cross-products) of the
+  globally centred features are summed per fold, so every fold's *train* statistics are
+  totals minus that fold, standardisation included, exactly. One eigendecomposition per fold
+  then prices every penalty at a (d x d) x (d x k) product: 20 penalties cost about one.
+* **logreg**: per fold, a penalty path from strong to weak, each fit warm-started from the
+  previous one; with a single validation fold (large data) the path stops early once the
+  validation score has fallen twice in a row.
+* **mlp** (and ridge with PCA): one fit per fold and penalty.
+
+Scores are "higher is better": balanced accuracy (default) or accuracy for classification,
+negative RMSE (default) or R^2 for regression. Ties go to the stronger penalty.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, r2_score
+from sklearn.preprocessing import LabelEncoder
+
+from convert.errors import GraftError
+from heads.estimators import (
+    CLASSIFIER_HEADS,
+    PREPROCESS_MODES,
+    REGRESSOR_HEADS,
+    FeaturePreprocessor,
+    HeadClassifier,
+    HeadRegressor,
+    fit_logistic,
+    fit_ridge,
+    l2_rows,
+    make_head,
+    ridge_targets,
+)
+from heads.splits import cv_folds
+
+SCORINGS = {"classification": ("balanced_accuracy", "accuracy"), "regression": ("neg_rmse", "r2")}
+LARGE_N = 20000  # above this many training rows, one validation fold replaces k-fold CV
+LOGREG_PENALTIES = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)  # alpha / n: per-row L2 strength, strong to weak
+SEARCH_TOL = 1e-4  # gradient tolerance of search fits: validation scores settle long before 1e-5
+RIDGE_PENALTIES = tuple(np.logspace(-4, 2, 20))  # alpha / n on standardised features
+MLP_ALPHAS = (1e-4, 1e-2, 1.0)
+
+
+@dataclass
+class SearchResult:
+    """The chosen parameters, every candidate's CV scores, and how the folds were made."""
+
+    best: dict
+    table: list[dict]
+    scoring: str
+    cv: str
+    seconds: float
+    warm_start: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+
+def score(kind: str, scoring: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Higher-is-better score of predictions (labels for classification, values for regression)."""
+    if scoring == "balanced_accuracy":
+        return float(balanced_accuracy_score(y_true, y_pred))
+    if scoring == "accuracy":
+        return float(accuracy_score(y_true, y_pred))
+    if scoring == "neg_rmse":
+        return -float(np.sqrt(np.mean((np.asarray(y_true, float) - y_pred) ** 2)))
+    if scoring == "r2":
+        return float(r2_score(y_true, y_pred))
+    raise GraftError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS[kind])}")
+
+
+def default_grid(head: str, n_train: int) -> list[float]:
+    """Penalties to try; linear-model penalties scale with n (their loss is a sum over rows)."""
+    if head == "logreg":
+        return [p * n_train for p in LOGREG_PENALTIES]
+    if head == "ridge":
+        return [float(p * n_train) for p in RIDGE_PENALTIES]
+    return list(MLP_ALPHAS)
+
+
+def _decide(S: np.ndarray) -> np.ndarray:
+    """Class index from ridge / logistic scores (one column: sign)."""
+    return (S[:, 0] > 0).astype(np.int64) if S.shape[1] == 1 else np.argmax(S, axis=1)
+
+
+def _ridge_path(
+    X: np.ndarray, T: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], mode: str, alphas: Sequence[float]
+) -> list[np.ndarray]:
+    """Validation predictions (n_val, k) per fold and penalty, one eigendecomposition per fold."""
+    Xp = l2_rows(X) if mode.startswith("l2") else X
+    mu0 = Xp.mean(axis=0, dtype=np.float64).astype(np.float32)
+    Zg = Xp - mu0  # global centring: per-fold corrections stay small, so float32 Grams stay accurate
+    del Xp
+    d = Zg.shape[1]
+    n = len(Zg)
+    member = np.full(n, -1, dtype=np.int64)  # a row's validation fold (disjoint in k-fold and hold-out)
+    for f, (_, va) in enumerate(folds):
+        member[va] = f
+    parts = [np.nonzero(member == f)[0] for f in range(len(folds))]
+    rest = np.nonzero(member < 0)[0]  # hold-out: rows never validated
+    stats = []
+    for rows in [*parts, rest]:
+        Zr = Zg[rows]
+        Tr = T[rows]
+        stats.append(
+            (
+                len(rows),
+                Zr.sum(axis=0, dtype=np.float64),
+                (Zr.T @ Zr).astype(np.float64) if len(rows) else np.zeros((d, d)),
+                (Zr.T @ Tr.astype(np.float32)).astype(np.float64) if len(rows) else np.zeros((d, T.shape[1])),
+                Tr.sum(axis=0),
+            )
+        )
+    tot = [sum(s[i] for s in stats) for i in range(5)]
+    preds: list[np.ndarray] = []
+    for f in range(len(folds)):
+        nt, s, G, ty, sy = (tot[i] - stats[f][i] for i in range(5))
+        mu = s / nt
+        ym = sy / nt
+        C = G - nt * np.outer(mu, mu)
+        Cxy = ty - nt * np.outer(mu, ym)
+        if mode.endswith("standardize"):
+            sd = np.sqrt(np.maximum(np.diag(C), 0.0) / nt)
+            sd[sd < 1e-8] = 1.0
+        else:
+            sd = np.ones(d)
+        C = C / np.outer(sd, sd)
+        Cxy = Cxy / sd[:, None]
+        e, V = np.linalg.eigh(C)
+        B = V.T @ Cxy
+        Ws = [((V * (1.0 / (np.maximum(e, 0.0) + a))) @ B) / sd[:, None] for a in alphas]
+        W = np.concatenate(Ws, axis=1).astype(np.float32)
+        b = np.concatenate([ym - mu @ w for w in Ws])
+        P = (Zg[parts[f]] @ W).astype(np.float64) + b
+        preds.append(P.reshape(len(parts[f]), len(alphas), T.shape[1]))
+    return preds
+
+
+def search(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    kind: str,
+    heads: Sequence[str],
+    preprocess: Sequence[str] = ("standardize",),
+    n_components: int | None = None,
+    alphas: Sequence[float] | None = None,
+    groups: np.ndarray | None = None,
+    cv: int = 5,
+    holdout: float | None = None,
+    scoring: str | None = None,
+    hidden_layer_sizes: tuple[int, ...] = (256,),
+    max_iter: int = 300,
+    seed: int = 0,
+    log=None,
+) -> SearchResult:
+    """Score every (head, preprocessing, penalty) on folds of the training rows; pick the best.
+
+    ``holdout`` (a fraction) replaces k-fold CV by one validation fold; it is chosen
+    automatically above :data:`LARGE_N` training rows. ``alphas`` overrides every head's grid.
+    """
+    t0 = time.perf_counter()
+    scoring = scoring or SCORINGS[kind][0]
+    if scoring not in SCORINGS[kind]:
+        raise GraftError(f"--scoring for {kind}: one of {', '.join(SCORINGS[kind])}")
+    allowed = CLASSIFIER_HEADS if kind == "classification" else REGRESSOR_HEADS
+    for h in heads:
+        if h not in allowed:
+            raise GraftError(f"head {h!r} does not do {kind}; choose from {', '.join(allowed)}")
+    for m in preprocess:
+        if m not in PREPROCESS_MODES:
+            raise GraftError(f"--preprocess {m!r}: choose from {', '.join(PREPROCESS_MODES)}")
+    if holdout is None and len(y) > LARGE_N:
+        holdout = 0.2
+    folds = cv_folds(y, groups, kind=kind, n_splits=cv, holdout=holdout, seed=seed)
+    cv_desc = f"validation fold {holdout:g}" if holdout is not None else f"{cv}-fold"
+    if groups is not None and len(np.unique(groups)) < len(groups):
+        cv_desc += ", grouped"
+    if kind == "classification":
+        yi = LabelEncoder().fit_transform(y)
+        k = int(yi.max()) + 1
+    else:
+        yi = np.asarray(y, np.float64)
+        k = 1
+    X = np.asarray(X, dtype=np.float32)
+    table: list[dict] = []
+    warm: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    say = log or (lambda msg: None)
+
+    def add(head: str, mode: str, alpha: float, fold_scores: list[float], seconds: float) -> None:
+        table.append(
+            {
+                "head": head,
+                "preprocess": mode,
+                "alpha": float(alpha),
+                "score": float(np.mean(fold_scores)),
+                "std": float(np.std(fold_scores)),
+                "fold_scores": [float(s) for s in fold_scores],
+                "seconds": round(seconds, 3),
+            }
+        )
+
+    for head in heads:
+        grid = sorted(alphas if alphas else default_grid(head, len(y)), reverse=True)
+        for mode in preprocess:
+            t1 = time.perf_counter()
+            if head == "ridge" and n_components is None:
+                T = ridge_targets(yi, k) if kind == "classification" else yi[:, None]
+                preds = _ridge_path(X, T, folds, mode, grid)
+                for j, a in enumerate(grid):
+                    fs = []
+                    for (_, va), P in zip(folds, preds):
+                        out = P[:, j, :]
+                        fs.append(score(kind, scoring, yi[va], _decide(out) if kind == "classification" else out[:, 0]))
+                    add(head, mode, a, fs, (time.perf_counter() - t1) / len(grid))
+                say(f"  ridge/{mode}: {len(grid)} penalties x {len(folds)} fold(s) in {time.perf_counter() - t1:.1f} s")
+                continue
+            scores: dict[float, list[float]] = {a: [] for a in grid}
+            times: dict[float, float] = dict.fromkeys(grid, 0.0)
+            for tr, va in folds:
+                pre = FeaturePreprocessor(mode=mode, n_components=n_components, random_state=seed)
+                Ztr = pre.fit_transform(X[tr])
+                Zva = pre.transform(X[va])
+                init = None
+                best, falls = -np.inf, 0
+                for a in grid:
+                    t2 = time.perf_counter()
+                    if head == "logreg":
+                        coef, b, _ = fit_logistic(Ztr, yi[tr], k, a, init=init, max_iter=max_iter, tol=SEARCH_TOL)
+                        init = (coef, b)
+                        s = score(kind, scoring, yi[va], _decide(Zva @ coef + b))
+                        warm[(head, mode, a)] = init
+                    elif head == "ridge":
+                        T = ridge_targets(yi[tr], k) if kind == "classification" else yi[tr][:, None]
+                        coef, b = fit_ridge(Ztr, T, a)
+                        P = Zva @ coef + b
+                        s = score(kind, scoring, yi[va], _decide(P) if kind == "classification" else P[:, 0])
+                    else:
+                        est = make_head(kind, head="mlp", preprocess="none", alpha=a, hidden_layer_sizes=hidden_layer_sizes,
+                                        max_iter=max_iter, random_state=seed)
+                        est.fit(Ztr, yi[tr])
+                        s = score(kind, scoring, yi[va], est.predict(Zva))
+                    scores[a].append(s)
+                    times[a] += time.perf_counter() - t2
+                    if holdout is not None and head == "logreg":  # early stop along the path
+                        falls = falls + 1 if s < best else 0
+                        best = max(best, s)
+                        if falls >= 2:
+                            break
+            for a in grid:
+                if scores[a]:
+                    add(head, mode, a, scores[a], times[a])
+            say(f"  {head}/{mode}: {sum(bool(v) for v in scores.values())} penalties x {len(folds)} fold(s) in {time.perf_counter() - t1:.1f} s")
+    # best mean score; ties: the head listed first, then the stronger penalty
+    order = {h: i for i, h in enumerate(heads)}
+    best_row = max(table, key=lambda r: (round(r["score"], 10), -order[r["head"]], r["alpha"]))
+    best = {"head": best_row["head"], "preprocess": best_row["preprocess"], "alpha": best_row["alpha"]}
+    ws = warm.get((best["head"], best["preprocess"], best["alpha"])) if holdout is not None else None
+    return SearchResult(best=best, table=table, scoring=scoring, cv=cv_desc, seconds=time.perf_counter() - t0, warm_start=ws)
+
+
+def fit_best(
+    X: np.ndarray,
+    y: np.ndarray,
+    result: SearchResult,
+    *,
+    kind: str,
+    n_components: int | None = None,
+    hidden_layer_sizes: tuple[int, ...] = (256,),
+    max_iter: int = 500,
+    seed: int = 0,
+) -> HeadClassifier | HeadRegressor:
+    """Refit the chosen head on all training rows (logreg warm-started from the validation fit)."""
+    est = make_head(kind, **result.best, n_components=n_components, hidden_layer_sizes=tuple(hidden_layer_sizes),
+                    max_iter=max_iter, random_state=seed)
+    if kind == "classification" and result.best["head"] == "logreg" and result.warm_start is not None:
+        return est.fit(X, y, init=result.warm_start)
+    return est.fit(X, y)

@@ -1,0 +1,99 @@
+"""The heads' estimators: scikit-learn's contract, the solvers' numbers, the ONNX form of each head."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sklearn.datasets import make_classification, make_regression
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from heads.estimators import FeaturePreprocessor, HeadClassifier, HeadRegressor, fit_ridge, ridge_targets
+from heads.export import head_model
+from heads.search import _ridge_path, search
+from heads.splits import cv_folds
+
+
+@parametrize_with_checks(
+    [
+        FeaturePreprocessor(),
+        FeaturePreprocessor(mode="l2+standardize", n_components=2),
+        HeadClassifier(head="logreg"),
+        HeadClassifier(head="ridge", preprocess="l2"),
+        HeadClassifier(head="mlp", max_iter=50),
+        HeadRegressor(head="ridge"),
+        HeadRegressor(head="mlp", max_iter=50),
+    ]
+)
+def test_sklearn_contract(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check(estimator)
+
+
+def _clf(k=2, n=300, d=40, seed=0):
+    X, y = make_classification(n, d, n_informative=8, n_classes=k, random_state=seed)
+    return (np.abs(X) + 1).astype(np.float32), np.array(["cat", "dog", "eel", "fox"])[y]
+
+
+def test_logreg_matches_sklearn_objective():
+    X, y = _clf(k=3)
+    ours = HeadClassifier(head="logreg", preprocess="none", alpha=2.0, max_iter=2000).fit(X, y)
+    ref = LogisticRegression(C=1 / 2.0, tol=1e-10, max_iter=5000).fit(X, y)
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=2e-3)
+
+
+def test_ridge_regressor_matches_sklearn():
+    X, y = make_regression(200, 30, noise=1.0, random_state=0)
+    ours = HeadRegressor(head="ridge", preprocess="none", alpha=3.0).fit(X, y)
+    ref = Ridge(alpha=3.0).fit(X, y)
+    np.testing.assert_allclose(ours.predict(X), ref.predict(X), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["none", "standardize", "l2", "l2+standardize"])
+def test_ridge_path_equals_one_fit_per_penalty(mode):
+    """The shared-decomposition CV path gives the same validation predictions as separate fits."""
+    X, y = _clf(k=3, n=400, d=60)
+    yi = np.searchsorted(np.unique(y), y)
+    T = ridge_targets(yi, 3)
+    folds = cv_folds(yi, None, kind="classification", n_splits=4)
+    alphas = [0.5, 50.0, 5000.0]
+    preds = _ridge_path(X, T, folds, mode, alphas)
+    for f, (tr, va) in enumerate(folds):
+        pre = FeaturePreprocessor(mode=mode).fit(X[tr])
+        for j, a in enumerate(alphas):
+            coef, b = fit_ridge(pre.transform(X[tr]), T[tr], a)
+            np.testing.assert_allclose(preds[f][:, j, :], pre.transform(X[va]) @ coef + b, atol=2e-4)
+
+
+def test_search_is_reproducible_and_picks_from_grid():
+    X, y = _clf(k=2, n=300)
+    a = search(X, y, kind="classification", heads=["logreg", "ridge"], cv=3, seed=7)
+    b = search(X, y, kind="classification", heads=["logreg", "ridge"], cv=3, seed=7)
+    assert a.best == b.best
+    assert [r["score"] for r in a.table] == [r["score"] for r in b.table]
+    assert a.best["alpha"] in {r["alpha"] for r in a.table if r["head"] == a.best["head"]}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("head", ["logreg", "ridge", "mlp"])
+@pytest.mark.parametrize("pre,pca", [("standardize", None), ("l2+standardize", 8), ("none", None)])
+def test_onnx_head_equals_predict_proba(k, head, pre, pca):
+    X, y = _clf(k=k)
+    est = HeadClassifier(head=head, preprocess=pre, n_components=pca, max_iter=100).fit(X, y)
+    sess = ort.InferenceSession(head_model(est).SerializeToString(), providers=["CPUExecutionProvider"])
+    proba, label = sess.run(["probabilities", "label"], {"features": X})
+    np.testing.assert_allclose(proba, est.predict_proba(X), atol=1e-5)
+    assert label.tolist() == est.predict(X).tolist()
+
+
+@pytest.mark.parametrize("head", ["ridge", "mlp"])
+def test_onnx_regressor_equals_predict(head):
+    X, y = make_regression(200, 20, noise=1.0, random_state=0)
+    est = HeadRegressor(head=head, preprocess="l2+standardize", max_iter=100).fit(X, y + 40)
+    sess = ort.InferenceSession(head_model(est).SerializeToString(), providers=["CPUExecutionProvider"])
+    (pred,) = sess.run(["prediction"], {"features": X.astype(np.float32)})
+    np.testing.assert_allclose(pred, est.predict(X), rtol=1e-5, atol=1e-3)
