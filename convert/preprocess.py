@@ -85,8 +85,9 @@ def build_preprocess(
     if len(input_shape) != 4:
         raise GraftError(f"input shape {input_shape} is not N×C×H×W; image preprocessing needs a 4-D input")
     channels, h, w = input_shape[1:]
-    order = (channel_order or d.get("channel_order") or ("bgr" if channels == 3 else "gray")).lower()
-    if order not in ("bgr", "rgb", "gray"):
+    default_order = {1: "gray", 3: "bgr"}.get(channels, "none")  # "none": not an image input
+    order = (channel_order or d.get("channel_order") or default_order).lower()
+    if order not in ("bgr", "rgb", "gray", "none"):
         raise GraftError(f"--channel-order: expected bgr, rgb or gray, got '{order}'")
     if (order == "gray") != (channels == 1):
         raise GraftError(f"--channel-order {order} does not fit a {channels}-channel input")

@@ -20,9 +20,13 @@ def compare(ref: np.ndarray, other: np.ndarray) -> dict:
     other = np.asarray(other, dtype=np.float64)
     if ref.shape != other.shape:
         return {"max_abs": float("inf"), "max_rel": float("inf"), "shape": [list(ref.shape), list(other.shape)]}
-    diff = np.abs(ref - other)
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (ref == other) | (np.isnan(ref) & np.isnan(other))  # equal infinities/NaNs agree
+        diff = np.where(same, 0.0, np.abs(ref - other))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        finite = np.abs(ref[np.isfinite(ref)])
     max_abs = float(diff.max()) if diff.size else 0.0
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    scale = float(finite.max()) if finite.size else 0.0
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else 0.0, "max_ref": scale}
 
 
