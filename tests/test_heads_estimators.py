@@ -16,22 +16,55 @@ from heads.export import head_model
 from heads.search import _ridge_path, search
 from heads.splits import cv_folds
 
+_ESTIMATORS = [
+    FeaturePreprocessor(),
+    FeaturePreprocessor(mode="l2+standardize", n_components=2),
+    HeadClassifier(head="logreg"),
+    HeadClassifier(head="ridge", preprocess="l2"),
+    HeadClassifier(head="mlp", max_iter=50),
+    HeadRegressor(head="ridge"),
+    HeadRegressor(head="mlp", max_iter=50),
+]
 
-@parametrize_with_checks(
-    [
-        FeaturePreprocessor(),
-        FeaturePreprocessor(mode="l2+standardize", n_components=2),
-        HeadClassifier(head="logreg"),
-        HeadClassifier(head="ridge", preprocess="l2"),
-        HeadClassifier(head="mlp", max_iter=50),
-        HeadRegressor(head="ridge"),
-        HeadRegressor(head="mlp", max_iter=50),
-    ]
-)
+# The heads compute in float32 (100k x 4096 features must stay float32), and a float32 BLAS
+# product of a permuted matrix may differ in the last bit; scikit-learn's check compares at
+# rtol 1e-7 (a float64 tolerance). test_sample_order_invariance_float32 checks the same
+# property at float32 precision for every estimator instead.
+_FLOAT32_ORDER = {"check_methods_sample_order_invariance": "float32 BLAS: last-bit differences; see below"}
+
+
+@parametrize_with_checks(_ESTIMATORS, expected_failed_checks=lambda est: _FLOAT32_ORDER)
 def test_sklearn_contract(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check(estimator)
+
+
+@pytest.mark.parametrize("estimator", _ESTIMATORS, ids=repr)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sample_order_invariance_float32(estimator, seed):
+    """Every method gives each row the same output whatever the order of the rows (float32 precision)."""
+    from sklearn.base import clone, is_classifier
+
+    rng = np.random.RandomState(seed)
+    X = 3 * rng.uniform(size=(60, 5))
+    y = (X[:, 0] > 1.5).astype(int) if is_classifier(estimator) else X[:, 0] * 2 - X[:, 1]
+    est = clone(estimator)
+    if getattr(est, "n_components", None) is not None:
+        est.n_components = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(X, y)
+    idx = rng.permutation(len(X))
+    methods = [m for m in ("predict", "transform", "decision_function", "predict_proba") if hasattr(est, m)]
+    assert methods
+    for method in methods:
+        a = np.asarray(getattr(est, method)(X))[idx]
+        b = np.asarray(getattr(est, method)(X[idx]))
+        if a.dtype.kind in "fc":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=method)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=method)
 
 
 def _clf(k=2, n=300, d=40, seed=0):
