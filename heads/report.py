@@ -95,7 +95,7 @@ def write_plots(out: Path, rep: dict, curves: dict) -> list[str]:
     if kind == "classification":
         cm = np.array(rep["test"]["metrics"]["confusion_matrix"]["matrix"])
         labels = rep["test"]["metrics"]["confusion_matrix"]["labels"]
-        size = min(2 + 0.5 * len(labels), 12)
+        size = min(max(4.0, 2 + 0.5 * len(labels)), 12)  # room for the title with two classes
         fig, ax = plt.subplots(figsize=(size + 1, size))
         im = ax.imshow(cm, cmap="Blues")
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
@@ -107,7 +107,7 @@ def write_plots(out: Path, rep: dict, curves: dict) -> list[str]:
                 for j in range(len(labels)):
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
         fig.colorbar(im, ax=ax)
-        ax.set_title(f"{title}: confusion matrix")
+        ax.set_title(f"{title}\nconfusion matrix (test split)")
         fig.tight_layout()
         fig.savefig(out / "confusion_matrix.png", dpi=100)
         plt.close(fig)
