@@ -62,6 +62,8 @@ def register(subparsers: Any) -> None:
     h.add_argument("--alphas", type=_floats, metavar="A,B,...", help="penalties to try (default: a grid per head)")
     h.add_argument("--hidden", type=_ints, default=(256,), metavar="N[,N]", help="MLP hidden layer sizes (default 256)")
     h.add_argument("--max-iter", type=int, default=300, help="iterations per fit (logreg L-BFGS, MLP epochs)")
+    h.add_argument("--mlp-backend", choices=("auto", "sklearn", "torch"), default="auto",
+                   help="who trains the MLP: auto = torch on a GPU for large data (rows x dims >= 2e7), else scikit-learn")
     h.add_argument("--cv", type=int, default=5, help="CV folds on the training split (default 5)")
     h.add_argument("--holdout", type=_fraction, help="one validation fold of this size instead of k-fold "
                    "(automatic, 0.2, above 20,000 training rows)")
@@ -120,7 +122,7 @@ def run_fit_head(args: argparse.Namespace) -> int:
         labels_path_column=args.labels_path_column, head=args.head, preprocess=modes, n_components=args.pca,
         alphas=args.alphas, split_column=args.split_column, group_column=args.group_column, test_size=args.test_size,
         cv=args.cv, holdout=args.holdout, scoring=args.scoring, hidden_layer_sizes=args.hidden, max_iter=args.max_iter,
-        seed=args.seed, where=args.where, with_learning_curve=not args.no_learning_curve, with_plots=not args.no_plots,
+        mlp_backend=args.mlp_backend, seed=args.seed, where=args.where, with_learning_curve=not args.no_learning_curve, with_plots=not args.no_plots,
         out=args.out, log=log,
     )
     m, b = res.card["metrics"]["test"], res.card["metrics"]["baseline"]

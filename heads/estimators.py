@@ -3,7 +3,8 @@
 Every head is *feature preprocessing* (L2 rows, standardise, optional PCA) followed by a
 learner: ``logreg`` (multinomial / binary logistic regression, L-BFGS on float32 features),
 ``ridge`` (closed-form ridge; classification by one-vs-rest ±1 targets) or ``mlp``
-(scikit-learn's ``MLPClassifier`` / ``MLPRegressor``). The linear learners store their
+(scikit-learn's ``MLPClassifier`` / ``MLPRegressor``, or the same net trained by torch on a GPU:
+``heads.torch_mlp``). The linear learners store their
 weights in the preprocessed space (``coef_``, ``intercept_``), so ``heads.export`` can write
 the whole head as a few ONNX nodes.
 
@@ -25,6 +26,8 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .torch_mlp import TorchMLP, resolve_mlp_backend
 
 PREPROCESS_MODES = ("none", "standardize", "l2", "l2+standardize")
 CLASSIFIER_HEADS = ("logreg", "ridge", "mlp")
@@ -238,6 +241,7 @@ class _HeadBase(BaseEstimator):
         hidden_layer_sizes: tuple[int, ...] = (256,),
         max_iter: int = 500,
         random_state: int = 0,
+        mlp_backend: str = "auto",
     ):
         self.head = head
         self.preprocess = preprocess
@@ -246,6 +250,7 @@ class _HeadBase(BaseEstimator):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.max_iter = max_iter
         self.random_state = random_state
+        self.mlp_backend = mlp_backend
 
     def _validate_params_inline(self) -> None:
         if self.head not in self._heads:
@@ -267,15 +272,21 @@ class _HeadBase(BaseEstimator):
         X = validate_data(self, X, dtype=np.float32, reset=False)
         return self.preprocessor_.transform(X)
 
-    def _mlp_params(self) -> dict:
-        return dict(
+    def _fit_mlp(self, Z: np.ndarray, y: np.ndarray, task: str):
+        """scikit-learn's MLP, or :class:`TorchMLP` (same network and attributes) on a GPU for large data."""
+        params = dict(
             hidden_layer_sizes=tuple(self.hidden_layer_sizes),
             alpha=float(self.alpha),
             max_iter=self.max_iter,
-            early_stopping=True,
+            early_stopping=len(Z) >= 20,  # too few rows to hold out an early-stopping set
             n_iter_no_change=10,
             random_state=self.random_state,
         )
+        self.mlp_backend_ = resolve_mlp_backend(self.mlp_backend, *Z.shape)
+        if self.mlp_backend_ == "torch":
+            return TorchMLP(task, **params).fit(Z, y)
+        cls = MLPClassifier if task == "classification" else MLPRegressor
+        return cls(**params).fit(Z, y)
 
 
 class HeadClassifier(ClassifierMixin, _HeadBase):
@@ -293,6 +304,9 @@ class HeadClassifier(ClassifierMixin, _HeadBase):
         MLP hidden layers.
     max_iter : int
     random_state : int
+    mlp_backend : {"auto", "sklearn", "torch"}
+        Who trains the MLP: ``auto`` uses torch when a GPU is present and the data is large
+        (rows x features >= 2e7), scikit-learn otherwise. Both give the same attributes.
 
     Attributes
     ----------
@@ -301,7 +315,7 @@ class HeadClassifier(ClassifierMixin, _HeadBase):
     preprocessor_ : FeaturePreprocessor
     coef_, intercept_ : ndarray
         Linear heads only, in the preprocessed feature space; binary heads have one column.
-    mlp_ : MLPClassifier
+    mlp_ : MLPClassifier or TorchMLP
         MLP head only.
 
     Examples
@@ -324,6 +338,7 @@ class HeadClassifier(ClassifierMixin, _HeadBase):
         hidden_layer_sizes: tuple[int, ...] = (256,),
         max_iter: int = 500,
         random_state: int = 0,
+        mlp_backend: str = "auto",
     ):
         super().__init__(
             head=head,
@@ -333,6 +348,7 @@ class HeadClassifier(ClassifierMixin, _HeadBase):
             hidden_layer_sizes=hidden_layer_sizes,
             max_iter=max_iter,
             random_state=random_state,
+            mlp_backend=mlp_backend,
         )
 
     def fit(self, X, y, *, init: tuple[np.ndarray, np.ndarray] | None = None):
@@ -355,10 +371,7 @@ class HeadClassifier(ClassifierMixin, _HeadBase):
             self.coef_, self.intercept_ = fit_ridge(Z, ridge_targets(yi, k), float(self.alpha))
             self.n_iter_ = 1
         else:
-            params = self._mlp_params()
-            if len(Z) < 20:  # too few rows to hold out an early-stopping set
-                params["early_stopping"] = False
-            self.mlp_ = MLPClassifier(**params).fit(Z, yi)
+            self.mlp_ = self._fit_mlp(Z, yi, "classification")
             self.n_iter_ = self.mlp_.n_iter_
         return self
 
@@ -401,7 +414,7 @@ class HeadRegressor(RegressorMixin, _HeadBase):
     preprocessor_ : FeaturePreprocessor
     coef_ : ndarray of shape (d, 1)
     intercept_ : ndarray of shape (1,)
-    mlp_ : MLPRegressor
+    mlp_ : MLPRegressor or TorchMLP
         MLP head only.
 
     Examples
@@ -425,12 +438,9 @@ class HeadRegressor(RegressorMixin, _HeadBase):
             self.coef_, self.intercept_ = fit_ridge(Z, y[:, None], float(self.alpha))
             self.n_iter_ = 1
         else:
-            params = self._mlp_params()
-            if len(Z) < 20:
-                params["early_stopping"] = False
             # scale the target so the MLP's default learning rate suits any unit (years, pixels, ...)
             self.y_mean_, self.y_scale_ = float(y.mean()), float(y.std() or 1.0)
-            self.mlp_ = MLPRegressor(**params).fit(Z, (y - self.y_mean_) / self.y_scale_)
+            self.mlp_ = self._fit_mlp(Z, (y - self.y_mean_) / self.y_scale_, "regression")
             self.n_iter_ = self.mlp_.n_iter_
         return self
 

@@ -78,6 +78,7 @@ def fit_head(
     scoring: str | None = None,
     hidden_layer_sizes: tuple[int, ...] = (256,),
     max_iter: int = 300,
+    mlp_backend: str = "auto",
     seed: int = 0,
     where: list[str] | None = None,
     with_learning_curve: bool = True,
@@ -102,12 +103,12 @@ def fit_head(
     res = search(
         Xtr, ytr, kind=spec.kind, heads=heads, preprocess=preprocess, n_components=n_components, alphas=alphas,
         groups=split.groups[split.train] if split.grouped else None, cv=cv, holdout=holdout, scoring=scoring,
-        hidden_layer_sizes=hidden_layer_sizes, max_iter=max_iter, seed=seed, log=say,
+        hidden_layer_sizes=hidden_layer_sizes, max_iter=max_iter, mlp_backend=mlp_backend, seed=seed, log=say,
     )
     say(f"chosen by {res.cv} CV ({res.scoring}): {res.best} in {res.seconds:.1f} s")
     t1 = time.perf_counter()
     est = fit_best(Xtr, ytr, res, kind=spec.kind, n_components=n_components, hidden_layer_sizes=hidden_layer_sizes,
-                   max_iter=max(max_iter, 500), seed=seed)
+                   max_iter=max(max_iter, 500), mlp_backend=mlp_backend, seed=seed)
     fit_seconds = time.perf_counter() - t1
     ev = evaluate(est, Xte, yte, ytr, spec.kind)
     lc = learning_curve(est, Xtr, ytr, Xte, yte, spec.kind, seed=seed) if with_learning_curve else []
@@ -150,7 +151,8 @@ def fit_head(
         "feature_dim": int(Xtr.shape[1]),
         "cache": cache,
         "preprocess": {"mode": est.preprocess, "n_components": est.n_components},
-        "head": {"type": est.head, "alpha": float(est.alpha), "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in est.get_params().items()}},
+        "head": {"type": est.head, "alpha": float(est.alpha), "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in est.get_params().items()},
+                 "mlp_trained_by": getattr(est, "mlp_backend_", None)},
         "search": {"scoring": res.scoring, "cv": res.cv, "best": res.best, "candidates": sorted({r["head"] for r in res.table})},
         "split": {"source": split.source, "group_column": group_column, "n_train": int(len(ytr)), "n_test": int(len(yte))},
         "metrics": {

@@ -156,6 +156,7 @@ def search(
     scoring: str | None = None,
     hidden_layer_sizes: tuple[int, ...] = (256,),
     max_iter: int = 300,
+    mlp_backend: str = "auto",
     seed: int = 0,
     log=None,
 ) -> SearchResult:
@@ -242,7 +243,7 @@ def search(
                         s = score(kind, scoring, yi[va], _decide(P) if kind == "classification" else P[:, 0])
                     else:
                         est = make_head(kind, head="mlp", preprocess="none", alpha=a, hidden_layer_sizes=hidden_layer_sizes,
-                                        max_iter=max_iter, random_state=seed)
+                                        max_iter=max_iter, random_state=seed, mlp_backend=mlp_backend)
                         est.fit(Ztr, yi[tr])
                         s = score(kind, scoring, yi[va], est.predict(Zva))
                     scores[a].append(s)
@@ -273,11 +274,12 @@ def fit_best(
     n_components: int | None = None,
     hidden_layer_sizes: tuple[int, ...] = (256,),
     max_iter: int = 500,
+    mlp_backend: str = "auto",
     seed: int = 0,
 ) -> HeadClassifier | HeadRegressor:
     """Refit the chosen head on all training rows (logreg warm-started from the validation fit)."""
     est = make_head(kind, **result.best, n_components=n_components, hidden_layer_sizes=tuple(hidden_layer_sizes),
-                    max_iter=max_iter, random_state=seed)
+                    max_iter=max_iter, random_state=seed, mlp_backend=mlp_backend)
     if kind == "classification" and result.best["head"] == "logreg" and result.warm_start is not None:
         return est.fit(X, y, init=result.warm_start)
     return est.fit(X, y)

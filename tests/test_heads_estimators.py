@@ -24,6 +24,8 @@ _ESTIMATORS = [
     HeadClassifier(head="mlp", max_iter=50),
     HeadRegressor(head="ridge"),
     HeadRegressor(head="mlp", max_iter=50),
+    HeadClassifier(head="mlp", max_iter=30, mlp_backend="torch"),
+    HeadRegressor(head="mlp", max_iter=30, mlp_backend="torch"),
 ]
 
 # The heads compute in float32 (100k x 4096 features must stay float32), and a float32 BLAS
@@ -112,21 +114,62 @@ def test_search_is_reproducible_and_picks_from_grid():
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("head", ["logreg", "ridge", "mlp"])
+@pytest.mark.parametrize("head", ["logreg", "ridge", "mlp", "mlp-torch"])
 @pytest.mark.parametrize("pre,pca", [("standardize", None), ("l2+standardize", 8), ("none", None)])
 def test_onnx_head_equals_predict_proba(k, head, pre, pca):
     X, y = _clf(k=k)
-    est = HeadClassifier(head=head, preprocess=pre, n_components=pca, max_iter=100).fit(X, y)
+    backend = "torch" if head == "mlp-torch" else "sklearn"
+    est = HeadClassifier(head=head.split("-")[0], preprocess=pre, n_components=pca, max_iter=100, mlp_backend=backend).fit(X, y)
     sess = ort.InferenceSession(head_model(est).SerializeToString(), providers=["CPUExecutionProvider"])
     proba, label = sess.run(["probabilities", "label"], {"features": X})
     np.testing.assert_allclose(proba, est.predict_proba(X), atol=1e-5)
     assert label.tolist() == est.predict(X).tolist()
 
 
-@pytest.mark.parametrize("head", ["ridge", "mlp"])
+@pytest.mark.parametrize("head", ["ridge", "mlp", "mlp-torch"])
 def test_onnx_regressor_equals_predict(head):
     X, y = make_regression(200, 20, noise=1.0, random_state=0)
-    est = HeadRegressor(head=head, preprocess="l2+standardize", max_iter=100).fit(X, y + 40)
+    backend = "torch" if head == "mlp-torch" else "sklearn"
+    est = HeadRegressor(head=head.split("-")[0], preprocess="l2+standardize", max_iter=100, mlp_backend=backend).fit(X, y + 40)
     sess = ort.InferenceSession(head_model(est).SerializeToString(), providers=["CPUExecutionProvider"])
     (pred,) = sess.run(["prediction"], {"features": X.astype(np.float32)})
     np.testing.assert_allclose(pred, est.predict(X), rtol=1e-5, atol=1e-3)
+
+
+def test_torch_mlp_matches_sklearn_mlp_quality():
+    """The torch-trained MLP (the GPU path, run here on the CPU) learns as well as scikit-learn's, and
+    keeps only numpy arrays: it pickles and predicts without torch."""
+    import pickle
+
+    X, y = make_classification(900, 40, n_informative=8, n_classes=3, class_sep=1.5, random_state=3)
+    X, y = X.astype(np.float32), np.array(["cat", "dog", "eel"])[y]
+    tr, te = slice(0, 700), slice(700, None)
+    scores = {}
+    for backend in ("sklearn", "torch"):
+        est = HeadClassifier(head="mlp", alpha=1e-3, max_iter=200, mlp_backend=backend).fit(X[tr], y[tr])
+        assert est.mlp_backend_ == backend
+        scores[backend] = float(np.mean(est.predict(X[te]) == y[te]))
+    majority = max(np.mean(y[te] == c) for c in np.unique(y[te]))
+    assert scores["torch"] > majority + 0.3
+    assert abs(scores["torch"] - scores["sklearn"]) < 0.06, scores
+    again = pickle.loads(pickle.dumps(est))
+    assert all(isinstance(w, np.ndarray) for w in again.mlp_.coefs_)
+    np.testing.assert_array_equal(again.predict_proba(X[te]), est.predict_proba(X[te]))
+    # same seed, same net
+    twin = HeadClassifier(head="mlp", alpha=1e-3, max_iter=200, mlp_backend="torch").fit(X[tr], y[tr])
+    np.testing.assert_allclose(twin.predict_proba(X[te]), est.predict_proba(X[te]), atol=1e-6)
+
+
+def test_torch_mlp_regression_and_auto_backend():
+    from heads.torch_mlp import LARGE_DATA, cuda_available, resolve_mlp_backend
+
+    X, y = make_regression(600, 20, n_informative=10, noise=5.0, random_state=1)
+    r2 = {}
+    for backend in ("sklearn", "torch"):
+        est = HeadRegressor(head="mlp", alpha=1e-3, max_iter=300, mlp_backend=backend).fit(X[:450], y[:450] + 40)
+        r2[backend] = est.score(X[450:], y[450:] + 40)
+    assert r2["torch"] > 0.8 and r2["torch"] > r2["sklearn"] - 0.1, r2
+    assert resolve_mlp_backend("auto", 100, 100) == "sklearn"
+    assert resolve_mlp_backend("auto", LARGE_DATA, 1) == ("torch" if cuda_available() else "sklearn")
+    with pytest.raises(ValueError, match="mlp_backend"):
+        resolve_mlp_backend("jax", 1, 1)
