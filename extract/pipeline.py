@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -155,7 +156,9 @@ def run_pipeline(
         bad_sha: dict[str, str] = {}
         t1 = time.perf_counter()
         last_flush = t1
-        bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        # in a log file (no terminal) a line every 10 s, not a carriage return every 0.1 s
+        bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
         try:
             batch: list[np.ndarray] = []
             batch_sha: list[str] = []
