@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,40 +86,65 @@ def random_blobs(layer_type: str, shapes: list[tuple[int, ...]], rng: np.random.
     return out
 
 
-def generate_caffemodel(prototxt: str | Path, out: str | Path, layout: str = "V2", seed: int = 0) -> Path:
-    """Write ``out`` (atomically) with random weights shaped as ``prototxt`` requires."""
+def write_caffemodel(
+    out: str | Path,
+    layers: Iterable[tuple[str, str, Sequence[np.ndarray]]],
+    *,
+    net_name: str = "",
+    layout: str = "V2",
+) -> Path:
+    """Stream ``(layer name, V2 type, blobs)`` into a binary caffemodel at ``out`` (atomically).
+
+    Each layer's blobs are written as packed float32 as they arrive, so a generator of layers
+    never holds the whole net in memory. Blob shapes are written as given (V2 ``shape``; V1:
+    legacy num/channels/height/width). Used for generated weights and for fine-tuned nets.
+    """
     layout = layout.upper()
     if layout not in ("V1", "V2"):
         raise ValueError("layout must be V1 or V2")
+    v1 = layout == "V1"
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if net_name:
+                f.write(_ld(1, net_name.encode()))
+            for name, ltype, blobs in layers:
+                blobs = [np.ascontiguousarray(b, dtype="<f4") for b in blobs]
+                if v1:
+                    if ltype not in V1_ENUM:
+                        raise ValueError(f"layer '{name}': type {ltype} has no V1 encoding")
+                    head = _ld(4, name.encode()) + _key(5, 0) + _varint(V1_ENUM[ltype])
+                    blob_field = 6
+                else:
+                    head = _ld(1, name.encode()) + _ld(2, ltype.encode())
+                    blob_field = 7
+                blob_heads = [_blob_header(tuple(b.shape), b.nbytes, legacy=v1) for b in blobs]
+                blob_sizes = [len(h) + b.nbytes for h, b in zip(blob_heads, blobs)]
+                body = len(head) + sum(len(_key(blob_field, 2)) + len(_varint(n)) + n for n in blob_sizes)
+                f.write(_key(2 if v1 else 100, 2) + _varint(body) + head)
+                for h, b, n in zip(blob_heads, blobs, blob_sizes):
+                    f.write(_key(blob_field, 2) + _varint(n) + h)
+                    f.write(memoryview(b).cast("B"))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def generate_caffemodel(prototxt: str | Path, out: str | Path, layout: str = "V2", seed: int = 0) -> Path:
+    """Write ``out`` (atomically) with random weights shaped as ``prototxt`` requires."""
     spec = load_net_spec(prototxt)
     graph = build_graph(spec, None)
     rng = np.random.default_rng(seed)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    v1 = layout == "V1"
-    with open(tmp, "wb") as f:
-        if spec.name:
-            f.write(_ld(1, spec.name.encode()))
+
+    def layers():
         for node in graph.nodes:
             shapes = node.converter.weight_shapes(node, node.in_shapes)
-            blobs = random_blobs(node.type, shapes, rng) if shapes else []
-            if v1:
-                if node.type not in V1_ENUM:
-                    raise ValueError(f"layer '{node.name}': type {node.type} has no V1 encoding")
-                head = _ld(4, node.name.encode()) + _key(5, 0) + _varint(V1_ENUM[node.type])
-                blob_field = 6
-            else:
-                head = _ld(1, node.name.encode()) + _ld(2, node.type.encode())
-                blob_field = 7
-            blob_heads = [_blob_header(tuple(b.shape), b.nbytes, legacy=v1) for b in blobs]
-            blob_sizes = [len(h) + b.nbytes for h, b in zip(blob_heads, blobs)]
-            body = len(head) + sum(len(_key(blob_field, 2)) + len(_varint(n)) + n for n in blob_sizes)
-            f.write(_key(2 if v1 else 100, 2) + _varint(body) + head)
-            for h, b, n in zip(blob_heads, blobs, blob_sizes):
-                f.write(_key(blob_field, 2) + _varint(n) + h)
-                f.write(memoryview(np.ascontiguousarray(b, dtype="<f4")).cast("B"))
-    os.replace(tmp, out)
-    return out
+            yield node.name, node.type, random_blobs(node.type, shapes, rng) if shapes else []
+
+    return write_caffemodel(out, layers(), net_name=spec.name, layout=layout)
 
 
 def main(argv: list[str] | None = None) -> None:

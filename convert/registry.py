@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .errors import GraftError
 
 if TYPE_CHECKING:
@@ -39,6 +41,14 @@ class Converter:
 
     def torch(self, node: Node) -> Any:
         raise NotImplementedError
+
+    def caffe_blobs(self, node: Node, module: Any) -> list[np.ndarray]:
+        """The learned blobs read back from the torch module (after fine-tuning), in Caffe's
+        order, layout and shapes: by default the module's parameters in order, reshaped."""
+        params = list(module.parameters())
+        if len(params) != len(node.weights):
+            raise ValueError(f"layer '{node.name}': {len(params)} torch parameters for {len(node.weights)} Caffe blobs")
+        return [p.detach().cpu().float().numpy().reshape(w.shape) for p, w in zip(params, node.weights)]
 
 
 _REGISTRY: dict[str, Converter] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch.nn.functional as F
 from torch import nn
 
@@ -68,3 +69,10 @@ class InnerProduct(Converter):
 
     def torch(self, node):
         return _InnerProduct(node)
+
+    def caffe_blobs(self, node, module):
+        if not _ip(node)[2]:
+            return super().caffe_blobs(node, module)
+        blobs = [p.detach().cpu().float().numpy() for p in module.parameters()]
+        blobs[0] = np.ascontiguousarray(blobs[0].T)  # transpose: true stores W as (in, out)
+        return blobs

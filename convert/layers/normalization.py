@@ -52,6 +52,10 @@ class BatchNorm(Converter):
     def torch(self, node):
         return _BatchNorm(node)
 
+    def caffe_blobs(self, node, module):
+        # global statistics (use_global_stats) are never updated: Caffe's own three blobs stand
+        return [np.array(w, dtype=np.float32) for w in node.weights]
+
 
 def _span(node, shapes, param_name: str) -> tuple[int, tuple[int, ...]]:
     """Scale/Bias: the axis and the shape of the learned blob (from ``axis`` over ``num_axes``)."""

@@ -7,6 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import GraftError
 from ..registry import Converter, register
@@ -32,9 +33,9 @@ class Softmax(Converter):
 
 @register
 class Identity(Converter):
-    """Dropout is the identity at inference; Split copies its bottom to every top."""
+    """Split copies its bottom to every top."""
 
-    types = ("Dropout", "Split")
+    types = ("Split",)
     identity = True
 
     def onnx(self, node, b):
@@ -44,6 +45,33 @@ class Identity(Converter):
     def torch(self, node):
         n = len(node.outputs)
         return Lambda(lambda x: (x,) * n if n > 1 else x, "identity")
+
+
+class _Dropout(nn.Module):
+    """The identity in eval mode (inference, as emitted); in train mode Caffe's dropout, which
+    zeroes each value with probability ``ratio`` and scales the rest by 1/(1 - ratio)."""
+
+    def __init__(self, ratio: float):
+        super().__init__()
+        self.ratio = ratio
+
+    def forward(self, x):
+        if not self.training or self.ratio == 0.0:
+            return x
+        return F.dropout(x, self.ratio, training=True)
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}"
+
+
+@register
+class Dropout(Identity):
+    """The identity at inference; ``net.train()`` turns on Caffe's train-time dropout."""
+
+    types = ("Dropout",)
+
+    def torch(self, node):
+        return _Dropout(float(node.param("dropout_param").dropout_ratio))
 
 
 @register
