@@ -6,37 +6,7 @@ import argparse
 import signal
 from typing import Any
 
-
-def _floats(text: str) -> list[float]:
-    parts = [p for p in text.replace("x", ",").replace(" ", ",").split(",") if p]
-    try:
-        return [float(p) for p in parts]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from err
-
-
-def _size(text: str) -> list[int] | int:
-    """``256`` (square), ``256,256`` or ``256x256`` (H, W); ``0`` for none."""
-    vals = _floats(text)
-    if len(vals) == 1:
-        return int(vals[0])
-    if len(vals) == 2:
-        return [int(v) for v in vals]
-    raise argparse.ArgumentTypeError(f"expected N or H,W, got {text!r}")
-
-
-def _mean(text: str) -> list[float]:
-    vals = _floats(text)
-    if len(vals) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"expected 1 or 3 values (model channel order), got {text!r}")
-    return vals * 3 if len(vals) == 1 else vals
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+from convert.cli_common import mean, positive, sigterm_as_interrupt, size
 
 
 def register(subparsers: Any) -> None:
@@ -57,30 +27,27 @@ def register(subparsers: Any) -> None:
     src.add_argument("--path-column", metavar="NAME", help="CSV column holding the image path (default: guessed: path, file, image, ...)")
     src.add_argument("--root", metavar="DIR", help="folder relative paths of --csv/--list resolve against (default: that file's folder)")
     pp = p.add_argument_group("preprocessing overrides (default: the package manifest's)")
-    pp.add_argument("--mean", type=_mean, metavar="M[,M,M]", help="per-channel mean, model channel order (replaces a mean image)")
+    pp.add_argument("--mean", type=mean, metavar="M[,M,M]", help="per-channel mean, model channel order (replaces a mean image)")
     pp.add_argument("--scale", type=float, help="multiply after mean subtraction")
     pp.add_argument("--channel-order", choices=("rgb", "bgr"), help="channel order the network expects")
-    pp.add_argument("--resize", type=_size, metavar="N|H,W", help="squash-resize to this size first (0: none)")
-    pp.add_argument("--crop", type=_size, metavar="N|H,W", help="centre crop after resizing (0: none)")
+    pp.add_argument("--resize", type=size, metavar="N|H,W", help="squash-resize to this size first (0: none)")
+    pp.add_argument("--crop", type=size, metavar="N|H,W", help="centre crop after resizing (0: none)")
     run = p.add_argument_group("running")
     run.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="auto: torch+CUDA (fp16 autocast) when a GPU is visible, else onnxruntime on CPU")
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                      help="compute precision; fp16/bf16 need torch on CUDA (part of the cache key)")
-    run.add_argument("--batch-size", type=_positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
-    run.add_argument("--workers", type=_positive, help="decode threads (default: min(4, cores) on CPU, min(8, cores) on CUDA)")
+    run.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
+    run.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(8, cores) on CUDA)")
     out = p.add_argument_group("cache")
     out.add_argument("--cache", metavar="DIR", help="model cache folder (default: artifacts/cache/<model name>)")
     out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
     out.add_argument("--l2", action="store_true", help="store L2-normalised rows (recorded in the cache key)")
-    out.add_argument("--shard-size", type=_positive, default=4096, help="rows per shard file (also the most a kill can lose)")
+    out.add_argument("--shard-size", type=positive, default=4096, help="rows per shard file (also the most a kill can lose)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_extract)
 
-
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -98,7 +65,7 @@ def run_extract(args: argparse.Namespace) -> int:
     overrides = {"mean": args.mean, "scale": args.scale, "channel_order": args.channel_order, "resize": args.resize, "crop": args.crop}
     try:
         records = load_records(images=args.images, csv=args.csv, list_file=args.list_file, root=args.root, path_column=args.path_column)
-        old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a scheduler's kill flushes buffered rows too
+        old = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # a scheduler's kill flushes buffered rows too
         try:
             summary, _ = extract(
                 args.model, blobs, records, cache=args.cache, preprocess=overrides, backend=args.backend, device=args.device,

@@ -8,39 +8,7 @@ import signal
 import sys
 from typing import Any
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
-    return v
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
-    return v
+from convert.cli_common import fraction, ints, non_negative, positive, sigterm_as_interrupt
 
 
 def register(subparsers: Any) -> None:
@@ -67,7 +35,7 @@ def register(subparsers: Any) -> None:
     s = p.add_argument_group("split (validation rows are never trained on)")
     s.add_argument("--split-column", default="split", help="train/test column, used when present (default split)")
     s.add_argument("--group-column", help="rows sharing this value stay on one side (identical images always do)")
-    s.add_argument("--test-size", type=_fraction, default=0.2, help="validation fraction without a split column (default 0.2)")
+    s.add_argument("--test-size", type=fraction, default=0.2, help="validation fraction without a split column (default 0.2)")
     n = p.add_argument_group("net")
     n.add_argument("--from-blob", metavar="BLOB", help="blob the new layer reads (default: the input of the last InnerProduct, e.g. fc7)")
     n.add_argument("--new-layer", metavar="NAME", help="name of the new InnerProduct (default <last InnerProduct>_<task>)")
@@ -82,20 +50,20 @@ def register(subparsers: Any) -> None:
     o.add_argument("--lr-policy", choices=("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid"), help="default fixed")
     o.add_argument("--gamma", type=float)
     o.add_argument("--power", type=float)
-    o.add_argument("--stepsize", type=_positive, help="iterations (step, sigmoid)")
-    o.add_argument("--stepvalue", type=_ints, metavar="I[,I...]", help="iterations (multistep)")
-    o.add_argument("--max-iter", type=_positive, help="iterations to run (and poly's horizon); default from --epochs")
+    o.add_argument("--stepsize", type=positive, help="iterations (step, sigmoid)")
+    o.add_argument("--stepvalue", type=ints, metavar="I[,I...]", help="iterations (multistep)")
+    o.add_argument("--max-iter", type=positive, help="iterations to run (and poly's horizon); default from --epochs")
     o.add_argument("--momentum", type=float, help="default 0.9")
     o.add_argument("--weight-decay", type=float, help="default 0.0005")
     r = p.add_argument_group("training")
-    r.add_argument("--epochs", type=_positive, help="passes over the training images (default: max_iter, else 10)")
-    r.add_argument("--batch-size", type=_positive, default=32, help="images per iteration (default 32)")
+    r.add_argument("--epochs", type=positive, help="passes over the training images (default: max_iter, else 10)")
+    r.add_argument("--batch-size", type=positive, default=32, help="images per iteration (default 32)")
     r.add_argument("--mirror", action="store_true", help="random horizontal flips (Caffe's mirror: true)")
     r.add_argument("--seed", type=int, help="split, initialisation, order, augmentation, dropout (default: solver random_seed, else 0)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when visible")
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    r.add_argument("--workers", type=_non_negative, help="image decode threads (default min(4, cores); 0 decodes inline)")
-    r.add_argument("--threads", type=_positive, help="torch CPU threads (default: the cores this process may use)")
+    r.add_argument("--workers", type=non_negative, help="image decode threads (default min(4, cores); 0 decodes inline)")
+    r.add_argument("--threads", type=positive, help="torch CPU threads (default: the cores this process may use)")
     w = p.add_argument_group("output")
     w.add_argument("--name", help="new package name (default <model>-<task>)")
     w.add_argument("--out", metavar="DIR", help="package folder (default artifacts/models/<name>)")
@@ -106,9 +74,6 @@ def register(subparsers: Any) -> None:
     w.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=run_finetune)
 
-
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _cpu_count() -> int:
@@ -135,7 +100,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     try:
         records = load_records(images=args.images, csv=args.csv, list_file=args.list_file, root=args.root,
                                path_column=args.path_column)
-        old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a scheduler's kill: the last checkpoint stands
+        old = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # a scheduler's kill: the last checkpoint stands
         try:
             res = finetune(
                 args.model, records, spec, from_blob=args.from_blob, new_layer=args.new_layer, init=args.init,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from heads.evaluate import baseline_metrics, classification_metrics
+from heads.report import plot_confusion_matrix
 
 SUMMARY = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")
 
@@ -119,24 +120,8 @@ def write_plots(out: Path, rep: dict) -> list[str]:
     fig.savefig(out / "learning_curve.png", dpi=100)
     plt.close(fig)
 
-    cm = np.array(rep["validation"]["metrics"]["confusion_matrix"]["matrix"])
-    labels = rep["validation"]["metrics"]["confusion_matrix"]["labels"]
-    size = min(max(4.0, 2 + 0.5 * len(labels)), 12)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if len(labels) <= 20:
-        for i in range(len(labels)):
-            for j in range(len(labels)):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
-    fig.colorbar(im, ax=ax)
-    ax.set_title(f"{rep['name']}\nconfusion matrix (validation)")
-    fig.tight_layout()
-    fig.savefig(out / "confusion_matrix.png", dpi=100)
-    plt.close(fig)
+    cm = rep["validation"]["metrics"]["confusion_matrix"]
+    plot_confusion_matrix(out / "confusion_matrix.png", cm["matrix"], cm["labels"], f"{rep['name']}\nconfusion matrix (validation)")
     return ["learning_curve.png", "confusion_matrix.png"]
 
 

@@ -6,28 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from convert.cli_common import floats, fraction, ints
 from convert.errors import GraftError
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
-    return v
 
 
 def register(subparsers: Any) -> None:
@@ -59,20 +39,20 @@ def register(subparsers: Any) -> None:
     h.add_argument("--preprocess", default="standardize", metavar="MODE[,MODE]",
                    help="none, standardize, l2, l2+standardize; several are compared by CV (default standardize)")
     h.add_argument("--pca", type=int, metavar="N", help="project on N principal components after preprocessing")
-    h.add_argument("--alphas", type=_floats, metavar="A,B,...", help="penalties to try (default: a grid per head)")
-    h.add_argument("--hidden", type=_ints, default=(256,), metavar="N[,N]", help="MLP hidden layer sizes (default 256)")
+    h.add_argument("--alphas", type=floats, metavar="A,B,...", help="penalties to try (default: a grid per head)")
+    h.add_argument("--hidden", type=ints, default=(256,), metavar="N[,N]", help="MLP hidden layer sizes (default 256)")
     h.add_argument("--max-iter", type=int, default=300, help="iterations per fit (logreg L-BFGS, MLP epochs)")
     h.add_argument("--mlp-backend", choices=("auto", "sklearn", "torch"), default="auto",
                    help="who trains the MLP: auto = torch on a GPU for large data (rows x dims >= 2e7), else scikit-learn")
     h.add_argument("--cv", type=int, default=5, help="CV folds on the training split (default 5)")
-    h.add_argument("--holdout", type=_fraction, help="one validation fold of this size instead of k-fold "
+    h.add_argument("--holdout", type=fraction, help="one validation fold of this size instead of k-fold "
                    "(automatic, 0.2, above 20,000 training rows)")
     h.add_argument("--scoring", help="classification: balanced_accuracy (default), accuracy; regression: neg_rmse (default), r2")
     h.add_argument("--seed", type=int, default=0, help="seed of splits, folds and fits (default 0)")
     s = p.add_argument_group("split")
     s.add_argument("--split-column", default="split", help="train/test column, used when present (default split)")
     s.add_argument("--group-column", help="rows sharing this value stay on one side of every split (e.g. identity)")
-    s.add_argument("--test-size", type=_fraction, default=0.2, help="hold-out fraction without a split column (default 0.2)")
+    s.add_argument("--test-size", type=fraction, default=0.2, help="hold-out fraction without a split column (default 0.2)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="head folder (default artifacts/heads/<task>-<model>-<layer>)")
     o.add_argument("--no-learning-curve", action="store_true", help="skip the learning curve (refits per size)")

@@ -82,6 +82,32 @@ def to_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_confusion_matrix(path: Path, matrix, labels: list, title: str) -> None:
+    """Counts with their numbers written in (up to 20 classes); rows true, columns predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(matrix)
+    size = min(max(4.0, 2 + 0.5 * len(labels)), 12)  # room for the title with two classes
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(labels) <= 20:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(out: Path, rep: dict, curves: dict) -> list[str]:
     """Confusion matrix, learning curve, and ROC (binary) or predicted-vs-true (regression)."""
     import matplotlib
@@ -93,24 +119,9 @@ def write_plots(out: Path, rep: dict, curves: dict) -> list[str]:
     kind = rep["task"]["kind"]
     title = rep["name"]
     if kind == "classification":
-        cm = np.array(rep["test"]["metrics"]["confusion_matrix"]["matrix"])
-        labels = rep["test"]["metrics"]["confusion_matrix"]["labels"]
-        size = min(max(4.0, 2 + 0.5 * len(labels)), 12)  # room for the title with two classes
-        fig, ax = plt.subplots(figsize=(size + 1, size))
-        im = ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if len(labels) <= 20:
-            for i in range(len(labels)):
-                for j in range(len(labels)):
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
-        fig.colorbar(im, ax=ax)
-        ax.set_title(f"{title}\nconfusion matrix (test split)")
-        fig.tight_layout()
-        fig.savefig(out / "confusion_matrix.png", dpi=100)
-        plt.close(fig)
+        cm = rep["test"]["metrics"]["confusion_matrix"]
+        labels = cm["labels"]
+        plot_confusion_matrix(out / "confusion_matrix.png", cm["matrix"], labels, f"{title}\nconfusion matrix (test split)")
         written.append("confusion_matrix.png")
         if "roc" in curves:
             fig, ax = plt.subplots(figsize=(5, 5))
