@@ -66,20 +66,30 @@ class NetSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def read_prototxt(path: str | Path) -> Any:
-    """Parse a prototxt into a NetParameter; a syntax error names the file and line."""
+def read_text_message(path: str | Path, message: Any, label: str = "", expected: str = "a .prototxt file") -> str:
+    """Parse a text-format file into ``message`` (NetParameter, SolverParameter, ...); returns the text.
+
+    A missing file or a syntax error is a GraftError naming ``label`` + the file (and the line).
+    """
     path = Path(path)
+    where = f"{label}{path}"
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        raise GraftError(f"{path}: no such file") from None
+        raise GraftError(f"{where}: no such file") from None
     except IsADirectoryError:
-        raise GraftError(f"{path}: is a directory, expected a .prototxt file") from None
-    net = pb.NetParameter()
+        raise GraftError(f"{where}: is a directory, expected {expected}") from None
     try:
-        text_format.Parse(text, net, allow_unknown_field=True)
+        text_format.Parse(text, message, allow_unknown_field=True)
     except text_format.ParseError as err:
-        raise GraftError(f"{path}: prototxt syntax error at line {str(err).split(':')[0]}: {_after_location(err)}") from None
+        raise GraftError(f"{where}: prototxt syntax error at line {str(err).split(':')[0]}: {_after_location(err)}") from None
+    return text
+
+
+def read_prototxt(path: str | Path) -> Any:
+    """Parse a prototxt into a NetParameter; a syntax error names the file and line."""
+    net = pb.NetParameter()
+    read_text_message(path, net)
     return net
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from google.protobuf import text_format
 
 from convert.errors import GraftError
+from convert.parse import read_text_message
 from convert.proto import pb
 from finetune.policies import Schedule, check_schedule
 
@@ -71,18 +71,8 @@ def read_solver(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     cannot honour.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        raise GraftError(f"--solver {path}: no such file") from None
-    except IsADirectoryError:
-        raise GraftError(f"--solver {path}: is a directory, expected a solver.prototxt") from None
     msg = pb.SolverParameter()
-    try:
-        text_format.Parse(text, msg, allow_unknown_field=True)
-    except text_format.ParseError as err:
-        where, _, what = str(err).partition(" : ")
-        raise GraftError(f"--solver {path}: syntax error at line {where.split(':')[0]}: {what or err}") from None
+    text = read_text_message(path, msg, label="--solver ", expected="a solver.prototxt")
     known = pb.SolverParameter.DESCRIPTOR.fields_by_name
     notes = []
     unknown = sorted({f for f in _top_level_fields(text) if f not in known})
