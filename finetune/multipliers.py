@@ -8,6 +8,8 @@ Resolution, per learnable blob, later steps winning:
 3. ``--freeze``: ``A:B`` (the layers from A to B in net order, ends inclusive, either end
    may be left open) or a comma list of names/globs: lr_mult 0, i.e. not trained at all.
 
+BatchNorm's three blobs are statistics: lr_mult 0 always (Caffe's use_global_stats).
+
 A pattern that matches no layer of the net is an error naming it (and saying when the layer
 was cut off), never a silent no-op.
 """
@@ -19,6 +21,12 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from convert.errors import GraftError
+
+
+#: layers whose blobs are statistics, not learned weights: Caffe fine-tunes them with lr_mult 0
+#: (use_global_stats), and graft never changes them, whatever --lr-mult says
+STATISTICS_LAYERS = frozenset({"BatchNorm"})
+STATISTICS_WHY = "global statistics (use_global_stats), not learned"
 
 
 @dataclass
@@ -40,7 +48,9 @@ def from_prototxt(net, n_blobs: dict[str, int]) -> list[LayerMults]:
     out = []
     for layer in net.layer:
         n = n_blobs.get(layer.name, 0)
-        if n:
+        if n and layer.type in STATISTICS_LAYERS:
+            out.append(LayerMults(layer.name, layer.type, [(0.0, 0.0)] * n, STATISTICS_WHY))
+        elif n:
             specs = list(layer.param)
             mults = [(float(specs[i].lr_mult), float(specs[i].decay_mult)) if i < len(specs) else (1.0, 1.0) for i in range(n)]
             out.append(LayerMults(layer.name, layer.type, mults, "prototxt" if specs else "Caffe's default"))
@@ -111,7 +121,7 @@ def resolve(
         pattern, mults = parse_lr_mult(text)
         for name in _match(pattern, all_names, "--lr-mult", cut):
             lm = by_name.get(name)
-            if lm is None:
+            if lm is None or lm.type in STATISTICS_LAYERS:
                 continue
             if len(mults) not in (1, len(lm.mults)):
                 raise GraftError(f"--lr-mult {text}: layer {name!r} has {len(lm.mults)} blob(s), {len(mults)} multipliers given")

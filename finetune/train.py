@@ -93,6 +93,8 @@ def param_groups(net: CaffeNet, mults: list[LayerMults]) -> list[dict]:
         p.requires_grad_(False)
     groups = []
     for lm in mults:
+        if lm.frozen:  # includes BatchNorm, whose statistics are buffers, not parameters
+            continue
         params = list(net.layers[lm.name].parameters())
         if len(params) != len(lm.mults):
             raise GraftError(f"layer '{lm.name}': {len(params)} torch parameters for {len(lm.mults)} Caffe blobs")

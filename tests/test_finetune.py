@@ -483,3 +483,38 @@ def test_cli_error_as_a_user_sees_it(det3: Path, small_csv: Path) -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+NSFW = TESTBED / "caffe" / "open_nsfw"
+
+
+@pytest.mark.skipif(not (NSFW / "resnet_50_1by2_nsfw.caffemodel").is_file() or not (FACES / "labels.csv").is_file(),
+                    reason=f"test bed absent: {NSFW}")
+def test_batchnorm_net_trains_with_global_statistics(tmp_path: Path) -> None:
+    """open_nsfw (53 BatchNorm + Scale, Eltwise): BatchNorm's statistics are never learned, even
+    under ``--lr-mult '*=1'``; the convolutions and Scales move; the result converts and verifies."""
+    from convert import convert_model, load_package
+    from convert.preprocess import build_preprocess
+    from convert.store import group_by_layer, read_safetensors
+    from finetune import finetune
+    from heads.tasks import resolve_task
+
+    pre, _ = build_preprocess([1, 3, 224, 224], mean="104,117,123", resize="256", crop=224)
+    base = convert_model(NSFW / "deploy.prototxt", NSFW / "resnet_50_1by2_nsfw.caffemodel", out=tmp_path / "nsfw",
+                         name="nsfw", preprocess=pre, log=lambda m: None)
+    res = finetune(base.dir, gender_records(tmp_path, 4, n_val=4), resolve_task("gender"), lr_mult=["*=1"],
+                   solver=build_solver(base_lr=0.001), epochs=1, batch_size=8, seed=0, name="nsfw-gender",
+                   out=tmp_path / "nsfw-gender", run_dir=tmp_path / "run", workers=0, threads=2, progress=False,
+                   log=lambda m: None)
+    before = group_by_layer(read_safetensors(base.dir / "weights.safetensors"))
+    after = group_by_layer(read_safetensors(res.package.dir / "weights.safetensors"))
+    bn = [n for n in before if n.startswith("bn_")]
+    assert len(bn) == 53
+    for n in bn:
+        assert all(np.array_equal(a, b) for a, b in zip(after[n], before[n])), n
+    for n in ("conv_1", "scale_1", "conv_stage3_block2_branch2c"):
+        assert not np.array_equal(after[n][0], before[n][0]), n
+    mults = {m["layer"]: m["lr_mult"] for m in res.report["net"]["multipliers"]}
+    assert mults["bn_1"] == [0.0, 0.0, 0.0] and mults["conv_1"] == [1.0, 1.0]
+    pkg = load_package(res.package.dir)
+    assert pkg.manifest["verification"]["passed"] and pkg.classes == ["female", "male"]
