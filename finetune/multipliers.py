@@ -22,7 +22,6 @@ from fnmatch import fnmatchcase
 
 from convert.errors import GraftError
 
-
 #: layers whose blobs are statistics, not learned weights: Caffe fine-tunes them with lr_mult 0
 #: (use_global_stats), and graft never changes them, whatever --lr-mult says
 STATISTICS_LAYERS = frozenset({"BatchNorm"})

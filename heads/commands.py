@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from convert.cli_common import floats, fraction, ints
+from convert.cli_common import floats, fraction, ints, positive
 from convert.errors import GraftError
 
 
@@ -60,17 +60,21 @@ def register(subparsers: Any) -> None:
     o.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_fit_head)
 
-    p = subparsers.add_parser("predict", help="predict images with a saved head (features via extract's cache)",
+    p = subparsers.add_parser("predict", help="predict images with a saved head, or with a classifier package itself",
                               description="Embed images with the head's model and blob (reusing extract's cache), "
-                              "apply the head, write a CSV: path, prediction, p_<class>..., error.")
-    p.add_argument("--head", required=True, metavar="DIR", help="head folder written by fit-head")
+                              "apply the head, write a CSV: path, prediction, p_<class>..., error. Without --head, "
+                              "--model's own output (e.g. a fine-tuned net's prob) is reported, named by its classes.")
+    p.add_argument("--head", metavar="DIR", help="head folder written by fit-head")
     src = p.add_argument_group("input (exactly one)")
     src.add_argument("--images", metavar="DIR", help="folder of images (recursive)")
     src.add_argument("--csv", metavar="FILE", help="CSV with a path column")
     src.add_argument("--path-column", metavar="NAME")
     src.add_argument("--root", metavar="DIR", help="folder relative --csv paths resolve against")
     p.add_argument("--out", required=True, metavar="CSV")
-    p.add_argument("--model", help="model package, when it moved since fit-head (checked against the card)")
+    p.add_argument("--model", help="with --head: the model package, when it moved since fit-head (checked against "
+                   "the card); alone: the classifier package whose output to report")
+    p.add_argument("--blob", help="without --head: the output blob to report (default: the package's first output)")
+    p.add_argument("--top-k", type=positive, default=5, help="without --head, above 20 classes: top classes listed (default 5)")
     p.add_argument("--cache", metavar="DIR", help="cache folder (default: artifacts/cache/<model>)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -113,13 +117,19 @@ def run_fit_head(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from heads.predict import predict_images
+    from heads.predict import predict_images, predict_with_model
 
-    res = predict_images(
-        args.head, images=args.images, csv=args.csv, path_column=args.path_column, root=args.root, out=args.out,
-        model=args.model, cache=args.cache, backend=args.backend, device=args.device, batch_size=args.batch_size,
-        workers=args.workers, progress=not args.no_progress,
-    )
+    common = dict(images=args.images, csv=args.csv, path_column=args.path_column, root=args.root, out=args.out,
+                  cache=args.cache, backend=args.backend, device=args.device, batch_size=args.batch_size,
+                  workers=args.workers, progress=not args.no_progress)
+    if args.head:
+        if args.blob:
+            raise GraftError("--blob is for predicting with a model alone; a head reads the blob it was fitted on")
+        res = predict_images(args.head, model=args.model, **common)
+    elif args.model:
+        res = predict_with_model(args.model, blob=args.blob, top_k=args.top_k, **common)
+    else:
+        raise GraftError("predict needs --head DIR (a fitted head) or --model NAME (a classifier package)")
     failed = int((res["error"] != "").sum())
     print(f"{len(res) - failed} prediction(s) written to {args.out}" + (f"; {failed} image(s) failed (see `error`)" if failed else ""))
     return 1 if failed else 0

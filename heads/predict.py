@@ -1,5 +1,8 @@
 """``predict``: images -> extract's pipeline and cache -> the saved head -> a CSV.
 
+Without a head, ``predict --model`` reports a classifier package's own output (a fine-tuned net,
+or VGG-Face's 2,622 identities) the same way: :func:`predict_with_model`.
+
 Features come from ``extract.pipeline.extract`` with the preprocessing, storage dtype, L2 flag
 and precision recorded in the head's card, into the model's usual cache, so images already seen
 are not computed again. The head is loaded only after the cache key it read is checked against
@@ -8,6 +11,7 @@ the card (model weights, blob, preprocessing): a mismatch is an error naming eac
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -51,7 +55,6 @@ def predict_images(
 
     Images that cannot be read get an empty prediction and their reason in ``error``.
     """
-    from extract.cache import read_key
     from extract.pipeline import extract
     from extract.sources import load_records
 
@@ -73,12 +76,72 @@ def predict_images(
             raise
         raise GraftError(str(err)) from err
     key_dir = Path(summary.cache_dir)
-    import json
-
     key_cfg = json.loads((key_dir / "manifest.json").read_text()).get("config")
     diffs = check_card(card, weights_sha256=(key_cfg or {}).get("weights_sha256"), layer=blob, cache_config=key_cfg if cfg else None)
     if diffs:
         raise GraftError(f"head {head_dir} does not match the features just extracted: " + "; ".join(diffs))
+    X, ok = _rows(key_dir, blob, records)
+    est, card = load_head(head_dir, layer=blob, feature_dim=int(X.shape[1]) if len(X) else None)
+    pred = predict_frame(est, X, card["task"]["kind"]) if ok.any() else pd.DataFrame()
+    return _write(_assemble(records, pred, ok, failures), out)
+
+
+def predict_with_model(
+    model: str | os.PathLike,
+    *,
+    images: str | None = None,
+    csv: str | None = None,
+    path_column: str | None = None,
+    root: str | None = None,
+    out: str | os.PathLike | None = None,
+    blob: str | None = None,
+    top_k: int = 5,
+    cache: str | os.PathLike | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """A classifier package's own prediction (a fine-tuned net, VGG-Face's identities): the argmax
+    of its output blob (``prob``), named by the package's classes, with ``p_<class>`` columns for
+    up to 20 classes, else the ``top_k`` classes and their scores."""
+    from convert import load_package
+    from extract.pipeline import extract
+    from extract.sources import load_records
+
+    pkg = load_package(model)
+    blob = blob or pkg.outputs[0]
+    try:
+        records = load_records(images=images, csv=csv, root=root, path_column=path_column)
+        summary, failures = extract(str(pkg.dir), [blob], records, cache=cache, backend=backend, device=device,
+                                    batch_size=batch_size, workers=workers, progress=progress)
+    except (ValueError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise GraftError(str(err)) from err
+    X, ok = _rows(Path(summary.cache_dir), blob, records)
+    S = X.reshape(len(X), -1)
+    k = S.shape[1] if len(S) else 0
+    names = np.array(pkg.classes if pkg.classes and len(pkg.classes) == k else [str(i) for i in range(k)], dtype=object)
+    pred = pd.DataFrame()
+    if ok.any():
+        order = np.argsort(-S, axis=1, kind="stable")
+        pred = pd.DataFrame({"prediction": names[order[:, 0]], "score": S[np.arange(len(S)), order[:, 0]]})
+        if k <= 20:
+            for i, c in enumerate(names):
+                pred[f"p_{c}"] = S[:, i]
+        else:
+            for j in range(min(top_k, k)):
+                pred[f"top{j + 1}"] = names[order[:, j]]
+                pred[f"p_top{j + 1}"] = S[np.arange(len(S)), order[:, j]]
+    return _write(_assemble(records, pred, ok, failures), out)
+
+
+def _rows(key_dir: Path, blob: str, records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Cached features of ``records``' images (by path, else by content hash), and which have one."""
+    from extract.cache import read_key
+
     X, meta = read_key(key_dir, blob)
     row_of = {p: i for i, p in enumerate(meta["path"].astype(str))}
     sha_row = {s: i for i, s in enumerate(meta["sha256"].astype(str))}
@@ -86,17 +149,26 @@ def predict_images(
     shas = records["sha256"].astype(str).tolist() if "sha256" in records else [None] * len(paths)
     rows = [row_of.get(p, sha_row.get(s, -1) if s else -1) for p, s in zip(paths, shas)]
     ok = np.array([r >= 0 for r in rows], dtype=bool)
-    est, card = load_head(head_dir, layer=blob, feature_dim=int(X.shape[1]) if len(X) else None)
+    return np.asarray(X[[r for r in rows if r >= 0]], np.float32), ok
+
+
+def _assemble(records: pd.DataFrame, pred: pd.DataFrame, ok: np.ndarray, failures: pd.DataFrame) -> pd.DataFrame:
+    """One row per input image: path, rel_path, the prediction columns (empty where it failed), error."""
+    paths = records["path"].astype(str).tolist()
     res = pd.DataFrame({"path": paths})
     if "rel_path" in records:
         res["rel_path"] = records["rel_path"].to_numpy()
-    pred = predict_frame(est, np.asarray(X[[r for r in rows if r >= 0]], np.float32), card["task"]["kind"]) if ok.any() else pd.DataFrame()
     for col in pred.columns:
         full = pd.Series([None] * len(paths), dtype=object)
         full[ok] = pred[col].to_numpy()
         res[col] = full
     reasons = dict(zip(failures["path"].astype(str), failures["reason"].astype(str))) if len(failures) else {}
     res["error"] = [reasons.get(p, "" if k else "no features") for p, k in zip(paths, ok)]
+    return res
+
+
+def _write(res: pd.DataFrame, out: str | os.PathLike | None) -> pd.DataFrame:
+    """Write ``res`` to ``out`` atomically (when given); returns it."""
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(out).with_name(f".{Path(out).name}.tmp")

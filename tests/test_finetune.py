@@ -369,6 +369,25 @@ def test_extract_prob_from_finetuned_package(trained, tmp_path: Path) -> None:
 
 
 @needs_testbed
+def test_predict_with_the_finetuned_package(trained, tmp_path: Path) -> None:
+    """``predict --model`` (no head): the package's own prob, named by its classes, equals the
+    validation predictions the fine-tune made with the trained torch net."""
+    import cli
+
+    out = tmp_path / "pred.csv"
+    rc = cli.main(["predict", "--model", str(trained.package.dir), "--csv", str(trained.run_dir / "val_predictions.csv"),
+                   "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    got = pd.read_csv(out).set_index("path")
+    want = pd.read_csv(trained.run_dir / "val_predictions.csv").set_index("path")
+    assert list(got.columns[:4]) == ["rel_path", "prediction", "score", "p_female"]
+    assert (got.loc[want.index, "prediction"] == want["prediction"]).all()
+    np.testing.assert_allclose(got.loc[want.index, ["p_female", "p_male"]].to_numpy(), want[["p_female", "p_male"]].to_numpy(),
+                               atol=1e-5)
+    assert cli.main(["predict", "--csv", str(trained.run_dir / "val_predictions.csv"), "--out", str(out)]) == 2
+
+
+@needs_testbed
 def test_interrupted_run_resumes_to_the_same_weights(det3: Path, tmp_path: Path) -> None:
     from finetune import finetune
     from heads.tasks import resolve_task

@@ -190,3 +190,39 @@ def test_load_checks_card_and_rewrite_is_atomic(tmp_path):
     fit_head(X, meta, resolve_task(None, "lab", "classification"), **{**kw, "seed": 1})  # replaces the folder
     assert json.loads((out / "card.json").read_text())["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]  # no temp or old folders left
+
+
+def test_predict_with_model_top_k_and_class_names(tmp_path):
+    """``predict --model``: a many-class package (here 30 generated classes) lists the top k by score,
+    named from classes.txt, in order, matching a direct onnxruntime run of its prob."""
+    from PIL import Image
+
+    from convert import convert_model
+    from convert.generate import generate_caffemodel
+    from heads.predict import predict_with_model
+
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+                     'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 30 } }\n'
+                     'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
+    generate_caffemodel(proto, tmp_path / "net.caffemodel", seed=3)
+    names = [f"id_{i:02d}" for i in range(30)]
+    pkg = convert_model(proto, tmp_path / "net.caffemodel", out=tmp_path / "pkg", name="toy30", classes=names, log=lambda m: None)
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    res = predict_with_model(pkg.dir, images=str(tmp_path / "imgs"), top_k=3, cache=tmp_path / "cache",
+                             out=tmp_path / "p.csv", progress=False)
+    assert list(res.columns) == ["path", "rel_path", "prediction", "score", "top1", "p_top1", "top2", "p_top2", "top3",
+                                 "p_top3", "error"]
+    from extract.cache import load_embeddings
+
+    X, meta = load_embeddings(tmp_path / "cache", layer="prob")
+    for _, row in res.iterrows():
+        p = X[int(np.flatnonzero(meta["path"].to_numpy() == row["path"])[0])]
+        order = np.argsort(-p, kind="stable")[:3]  # saturated softmax: ties go to the lower class index
+        assert [row["top1"], row["top2"], row["top3"]] == [names[j] for j in order]
+        assert row["prediction"] == names[order[0]] and row["score"] == pytest.approx(p[order[0]])
+        assert row["p_top1"] >= row["p_top2"] >= row["p_top3"]
+    assert (res["error"].fillna("") == "").all()
