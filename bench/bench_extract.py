@@ -4,7 +4,7 @@ All three run the same model (open_nsfw, converted once) with the same preproces
 256x256, centre crop 224, BGR, mean 104/117/123) on the same JPEG face crops, end to end from
 the file, in one process with the same number of threads, and print a Markdown table.
 
-    .venv/bin/python bench/bench_extract.py --n 400 --threads 2
+    .venv/bin/python bench/bench_extract.py --n 200 --n-bs1 40 --threads 2 --rounds 3
 
 Numbers go to docs/benchmarks.md.
 """
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--opencv-batch", type=int, default=8)
     ap.add_argument("--package", type=Path, help="an already converted open_nsfw package (default: convert to a temp dir)")
     ap.add_argument("--skip-torch-batched", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all methods, alternating; medians reported")
     args = ap.parse_args()
 
     # distinct contents only: graft would compute a duplicate once, the other loops twice
@@ -131,23 +132,33 @@ def main() -> None:
         # warm-up the page cache so every method reads the same warm files
         for f in files:
             Path(f).read_bytes()
-        results = {}
-        results["graft extract (onnxruntime CPU)"] = bench_graft(pkg, files, args.threads, "onnxruntime", args.batch_size)
-        if not args.skip_torch_batched:
-            results["graft extract (--backend torch, CPU)"] = bench_graft(pkg, files, torch_threads, "torch", args.batch_size)
-        results[f"OpenCV {__import__('cv2').__version__} DNN (batch {args.opencv_batch})"] = bench_opencv(files, args.threads, args.opencv_batch)
-        bs1_rate, bs1_x = bench_torch_bs1(pkg, files[: args.n_bs1], torch_threads)
-        results["PyTorch loop, batch size 1"] = (bs1_rate, bs1_x)
+        # the methods alternate within each round and the median round counts: a shared VM's speed
+        # drifts by 10-30 % over a minute, which would otherwise favour whichever ran first
+        runs: dict[str, list[tuple[float, np.ndarray]]] = {}
+        cv_name = f"OpenCV {__import__('cv2').__version__} DNN (batch {args.opencv_batch})"
+        for r in range(args.rounds):
+            runs.setdefault("graft extract (onnxruntime CPU)", []).append(
+                bench_graft(pkg, files, args.threads, "onnxruntime", args.batch_size))
+            if not args.skip_torch_batched:
+                runs.setdefault("graft extract (--backend torch, CPU)", []).append(
+                    bench_graft(pkg, files, torch_threads, "torch", args.batch_size))
+            runs.setdefault(cv_name, []).append(bench_opencv(files, args.threads, args.opencv_batch))
+            runs.setdefault("PyTorch loop, batch size 1", []).append(bench_torch_bs1(pkg, files[: args.n_bs1], torch_threads))
+            print(f"round {r + 1}: " + ", ".join(f"{k.split(' (')[0]} {v[-1][0]:.1f}" for k, v in runs.items()), file=sys.stderr)
+        results = {k: (float(np.median([rate for rate, _ in v])), v[0][1]) for k, v in runs.items()}
+        per_round = {k: [round(rate, 1) for rate, _ in v] for k, v in runs.items()}
+        bs1_rate = results["PyTorch loop, batch size 1"][0]
 
     ref_rate, ref_x = results["graft extract (onnxruntime CPU)"]
     cv_key = next(k for k in results if k.startswith("OpenCV"))
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}; "
           f"{len(files)} images ({args.n_bs1} for the bs-1 loop); python {platform.python_version()}\n")
-    print("| method | images/s | graft speed-up | mean cosine vs graft |")
-    print("|---|---:|---:|---:|")
+    print(f"| method | images/s (median of {args.rounds}) | per round | graft speed-up | mean cosine vs graft |")
+    print("|---|---:|---|---:|---:|")
     for name, (rate, x) in results.items():
         n = min(len(x), len(ref_x))
-        print(f"| {name} | {rate:.1f} | {ref_rate / rate:.2f}x | {cosine(x[:n], ref_x[:n]):.5f} |")
+        rounds = " / ".join(f"{v:.1f}" for v in per_round[name])
+        print(f"| {name} | {rate:.1f} | {rounds} | {ref_rate / rate:.2f}x | {cosine(x[:n], ref_x[:n]):.5f} |")
     print(f"\nvs OpenCV: {ref_rate / results[cv_key][0]:.2f}x (target >= 1.2x); "
           f"vs bs-1 PyTorch: {ref_rate / bs1_rate:.2f}x (target >= 3x)")
 
