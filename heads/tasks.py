@@ -150,7 +150,12 @@ def _filter_rows(meta: pd.DataFrame, where: list[str] | None) -> np.ndarray:
         col, val = cond.split("=", 1)
         if col not in meta.columns:
             raise GraftError(f"--where: no column {col!r}; columns: {list(meta.columns)}")
-        keep &= meta[col].astype(str).to_numpy() == val
+        values = meta[col].astype(str).to_numpy()
+        if not (values == val).any():
+            seen = sorted(set(values[:100_000]))
+            shown = ", ".join(seen[:10]) + (", ..." if len(seen) > 10 else "")
+            raise GraftError(f"--where {cond}: no row has {col} = {val!r}; values of {col!r}: {shown}")
+        keep &= values == val
     return keep
 
 

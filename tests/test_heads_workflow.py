@@ -147,6 +147,14 @@ def test_error_missing_label_column():
         fit_head(X, meta, resolve_task("gender"), model=MODEL, layer="x")
 
 
+def test_error_where_matches_no_row():
+    X, meta = _tiny()
+    meta["lab"] = np.where(X[:, 0] > 0, "pos", "neg")
+    meta["split"] = "train"
+    with pytest.raises(GraftError, match=r"--where split=tset: no row has split = 'tset'; values of 'split': train"):
+        fit_head(X, meta, resolve_task(None, "lab", "classification"), model=MODEL, layer="x", where=["split=tset"])
+
+
 def test_error_too_few_per_class_for_cv():
     X, meta = _tiny()
     meta["lab"] = ["a"] * 36 + ["b"] * 4
