@@ -8,7 +8,6 @@ the network, so the two overlap. Interrupted runs lose at most the rows not yet 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -22,10 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from convert.package import sha256_file
 from extract.cache import CacheWriter
 from extract.preprocess import ImageError, Preprocess
-
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -58,17 +56,9 @@ class Summary:
         return d
 
 
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes (the image's identity in every cache)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_one(path: str) -> tuple[str | None, str | None]:
-    """(sha256, None) or (None, reason) for files that cannot even be read."""
+def hash_or_reason(path: str) -> tuple[str | None, str | None]:
+    """(sha256 of the bytes: the image's identity in every cache, None) or (None, reason) for
+    files that cannot even be read."""
     try:
         if os.path.isdir(path):
             return None, "is a folder"
@@ -135,7 +125,7 @@ def run_pipeline(
     paths = records["path"].astype(str).tolist()
     failures: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-decode") as pool:
-        hashed = list(tqdm(pool.map(_hash_one, paths, chunksize=16), total=len(paths), desc="hashing", unit="file",
+        hashed = list(tqdm(pool.map(hash_or_reason, paths, chunksize=16), total=len(paths), desc="hashing", unit="file",
                            disable=not progress, leave=False))
         shas: list[str | None] = []
         for path, (sha, reason) in zip(paths, hashed):

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from convert.errors import GraftError
-from extract.pipeline import _hash_one
+from extract.pipeline import hash_or_reason
 from extract.preprocess import ImageError, Preprocess, decode
 from heads.splits import Split, make_split
 from heads.tasks import LabelledData, TaskSpec, prepare
@@ -58,7 +58,7 @@ class TrainData:
 
 def _hash_all(paths: Sequence[str], workers: int) -> list[tuple[str | None, str | None]]:
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-hash") as pool:
-        return list(pool.map(_hash_one, paths, chunksize=16))
+        return list(pool.map(hash_or_reason, paths, chunksize=16))
 
 
 def load_data(
