@@ -55,26 +55,18 @@ def predict_images(
 
     Images that cannot be read get an empty prediction and their reason in ``error``.
     """
-    from extract.pipeline import extract
-    from extract.sources import load_records
-
     card = read_card(head_dir)
     blob = card["layer"]
     where = model or card["model"].get("dir") or card["model"].get("name")
     cfg = (card.get("cache") or {}).get("config") or {}
     pp = cfg.get("preprocess") or {}
     overrides = {k: pp.get(k) for k in PREPROCESS_OVERRIDES if k in pp}
-    try:
-        records = load_records(images=images, csv=csv, root=root, path_column=path_column)
-        summary, failures = extract(
-            str(where), [blob], records, cache=cache, preprocess=overrides or None, backend=backend, device=device,
-            precision=cfg.get("precision") or "auto", batch_size=batch_size, workers=workers,
-            dtype=cfg.get("dtype") or "float32", l2=bool(cfg.get("l2", False)), progress=progress,
-        )
-    except (ValueError, OSError) as err:  # extract's SourceError / CacheError / BackendError are ValueErrors
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise GraftError(str(err)) from err
+    records, summary, failures = _extract(
+        dict(images=images, csv=csv, root=root, path_column=path_column),
+        str(where), [blob], cache=cache, preprocess=overrides or None, backend=backend, device=device,
+        precision=cfg.get("precision") or "auto", batch_size=batch_size, workers=workers,
+        dtype=cfg.get("dtype") or "float32", l2=bool(cfg.get("l2", False)), progress=progress,
+    )
     key_dir = Path(summary.cache_dir)
     key_cfg = json.loads((key_dir / "manifest.json").read_text()).get("config")
     diffs = check_card(card, weights_sha256=(key_cfg or {}).get("weights_sha256"), layer=blob, cache_config=key_cfg if cfg else None)
@@ -107,19 +99,13 @@ def predict_with_model(
     of its output blob (``prob``), named by the package's classes, with ``p_<class>`` columns for
     up to 20 classes, else the ``top_k`` classes and their scores."""
     from convert import load_package
-    from extract.pipeline import extract
-    from extract.sources import load_records
 
     pkg = load_package(model)
     blob = blob or pkg.outputs[0]
-    try:
-        records = load_records(images=images, csv=csv, root=root, path_column=path_column)
-        summary, failures = extract(str(pkg.dir), [blob], records, cache=cache, backend=backend, device=device,
-                                    batch_size=batch_size, workers=workers, progress=progress)
-    except (ValueError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise GraftError(str(err)) from err
+    records, summary, failures = _extract(
+        dict(images=images, csv=csv, root=root, path_column=path_column), str(pkg.dir), [blob], cache=cache,
+        backend=backend, device=device, batch_size=batch_size, workers=workers, progress=progress,
+    )
     X, ok = _rows(Path(summary.cache_dir), blob, records)
     S = X.reshape(len(X), -1)
     k = S.shape[1] if len(S) else 0
@@ -136,6 +122,20 @@ def predict_with_model(
                 pred[f"top{j + 1}"] = names[order[:, j]]
                 pred[f"p_top{j + 1}"] = S[np.arange(len(S)), order[:, j]]
     return _write(_assemble(records, pred, ok, failures), out)
+
+
+def _extract(source: dict, model: str, blobs: list[str], **kwargs):
+    """The input's records and extract's (summary, failures) for them; bad input is a GraftError."""
+    from extract.pipeline import extract
+    from extract.sources import load_records
+
+    try:
+        records = load_records(**source)
+        return (records, *extract(model, blobs, records, **kwargs))
+    except (ValueError, OSError) as err:  # extract's SourceError / CacheError / BackendError are ValueErrors
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise GraftError(str(err)) from err
 
 
 def _rows(key_dir: Path, blob: str, records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
