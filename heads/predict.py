@@ -95,9 +95,10 @@ def predict_with_model(
     workers: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """A classifier package's own prediction (a fine-tuned net, VGG-Face's identities): the argmax
-    of its output blob (``prob``), named by the package's classes, with ``p_<class>`` columns for
-    up to 20 classes, else the ``top_k`` classes and their scores."""
+    """A package's own prediction (a fine-tuned net, VGG-Face's identities): the argmax of its
+    output blob (``prob``), named by the package's classes, with ``p_<class>`` columns for up to
+    20 classes, else the ``top_k`` classes and their scores; an output of one value per image
+    without classes (a regression net) is the prediction itself."""
     from convert import load_package
 
     pkg = load_package(model)
@@ -111,7 +112,9 @@ def predict_with_model(
     k = S.shape[1] if len(S) else 0
     names = np.array(pkg.classes if pkg.classes and len(pkg.classes) == k else [str(i) for i in range(k)], dtype=object)
     pred = pd.DataFrame()
-    if ok.any():
+    if ok.any() and k == 1 and not pkg.classes:  # one value per image: a regression output (e.g. a fine-tuned age)
+        pred = pd.DataFrame({"prediction": S[:, 0]})
+    elif ok.any():
         order = np.argsort(-S, axis=1, kind="stable")
         pred = pd.DataFrame({"prediction": names[order[:, 0]], "score": S[np.arange(len(S)), order[:, 0]]})
         if k <= 20:

@@ -234,3 +234,29 @@ def test_predict_with_model_top_k_and_class_names(tmp_path):
         assert row["prediction"] == names[order[0]] and row["score"] == pytest.approx(p[order[0]])
         assert row["p_top1"] >= row["p_top2"] >= row["p_top3"]
     assert (res["error"].fillna("") == "").all()
+
+
+def test_predict_with_model_single_output_is_a_value(tmp_path):
+    """A package whose output is one number per image and has no classes (a regression net):
+    ``prediction`` is that number."""
+    from PIL import Image
+
+    from convert import convert_model
+    from convert.generate import generate_caffemodel
+    from extract.cache import load_embeddings
+    from heads.predict import predict_with_model
+
+    proto = tmp_path / "net.prototxt"
+    proto.write_text('input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+                     'layer { name: "age" type: "InnerProduct" bottom: "data" top: "age" inner_product_param { num_output: 1 } }\n')
+    generate_caffemodel(proto, tmp_path / "net.caffemodel", seed=1)
+    pkg = convert_model(proto, tmp_path / "net.caffemodel", out=tmp_path / "pkg", name="toy-age", log=lambda m: None)
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    res = predict_with_model(pkg.dir, images=str(tmp_path / "imgs"), cache=tmp_path / "cache", progress=False)
+    assert list(res.columns) == ["path", "rel_path", "prediction", "error"]
+    X, meta = load_embeddings(tmp_path / "cache", layer="age")
+    want = dict(zip(meta["path"], X[:, 0]))
+    np.testing.assert_allclose(res["prediction"].astype(float), [want[p] for p in res["path"]], rtol=1e-6)
