@@ -2,7 +2,7 @@
 result is a new model package (and a caffemodel Caffe itself loads).
 
 Modules, one job each: ``data`` (labels, split, augmented batches), ``surgery`` (cut the
-prototxt, append a classifier), ``multipliers`` (lr_mult / decay_mult, --freeze), ``policies``
+prototxt, append a classifier or a one-output regressor), ``multipliers`` (lr_mult / decay_mult, --freeze), ``policies``
 (Caffe's lr policies), ``solver`` (solver.prototxt and flags), ``optim`` (Caffe's SGD update),
 ``loop`` (an epoch, a validation pass), ``checkpoint`` (the resumable run folder), ``export``
 (caffemodel + convert), ``report``; :func:`finetune.train.finetune` ties them together.

@@ -16,15 +16,16 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune a converted model end to end (Caffe solver semantics) into a new model package",
-        description="Cut the model's deploy net at a blob, append a new InnerProduct + Softmax 'prob', train it in "
+        description="Cut the model's deploy net at a blob, append a new InnerProduct (+ Softmax 'prob' for a classifier; "
+        "one output and EuclideanLoss for a regression task such as --task age), train it in "
         "torch with Caffe's SGD (per-layer lr_mult/decay_mult, lr policies, solver.prototxt), checkpoint every epoch "
         "(re-running resumes), and write a caffemodel + prototxt converted into an ordinary model package.",
     )
     p.add_argument("--model", required=True, help="model package: a name under artifacts/models/ or a folder")
     t = p.add_argument_group("task")
-    t.add_argument("--task", help="built-in task (gender, age-group, identity, label, ...) or a name for --label-column")
+    t.add_argument("--task", help="built-in task (gender, age, age-group, identity, label, ...) or a name for --label-column")
     t.add_argument("--label-column", help="label column of the input")
-    t.add_argument("--kind", choices=("classification", "regression"), help="with --label-column (finetune trains classifiers)")
+    t.add_argument("--kind", choices=("classification", "regression"), help="with --label-column: classification (Softmax) or regression (one output, EuclideanLoss)")
     t.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="keep only these rows (repeatable)")
     src = p.add_argument_group("input (exactly one, as for extract)")
     src.add_argument("--images", metavar="DIR", help="folder, recursive; the containing sub-folder becomes the `label` column")
@@ -39,7 +40,8 @@ def register(subparsers: Any) -> None:
     n = p.add_argument_group("net")
     n.add_argument("--from-blob", metavar="BLOB", help="blob the new layer reads (default: the input of the last InnerProduct, e.g. fc7)")
     n.add_argument("--new-layer", metavar="NAME", help="name of the new InnerProduct (default <last InnerProduct>_<task>)")
-    n.add_argument("--init", choices=("gaussian", "xavier"), default="gaussian", help="new weights: gaussian std 0.01 (default) or xavier; bias 0")
+    n.add_argument("--init", choices=("gaussian", "xavier"), default="gaussian",
+                   help="new weights: gaussian std 0.01 (default) or xavier; bias 0 (regression: the training targets' mean)")
     n.add_argument("--lr-mult", action="append", default=[], metavar="LAYER=MULT[,BIAS_MULT]",
                    help="override the prototxt's lr_mult (fnmatch globs; repeatable; later wins)")
     n.add_argument("--freeze", action="append", default=[], metavar="A:B|LAYER,...",
@@ -55,6 +57,8 @@ def register(subparsers: Any) -> None:
     o.add_argument("--max-iter", type=positive, help="iterations to run (and poly's horizon); default from --epochs")
     o.add_argument("--momentum", type=float, help="default 0.9")
     o.add_argument("--weight-decay", type=float, help="default 0.0005")
+    o.add_argument("--clip-gradients", type=float, metavar="NORM",
+                   help="Caffe's clip_gradients: scale gradients down to this global L2 norm (default off; steadies regression)")
     r = p.add_argument_group("training")
     r.add_argument("--epochs", type=positive, help="passes over the training images (default: max_iter, else 10)")
     r.add_argument("--batch-size", type=positive, default=32, help="images per iteration (default 32)")
@@ -95,7 +99,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     spec = resolve_task(args.task, args.label_column, args.kind)
     solver = build_solver(args.solver, base_lr=args.base_lr, lr_policy=args.lr_policy, gamma=args.gamma, power=args.power,
                           stepsize=args.stepsize, stepvalue=args.stepvalue, max_iter=args.max_iter, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
+                          weight_decay=args.weight_decay, clip_gradients=args.clip_gradients)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
         records = load_records(images=args.images, csv=args.csv, list_file=args.list_file, root=args.root,
@@ -116,8 +120,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise GraftError(str(err)) from err
     v = res.report["validation"]
     m, b = v["metrics"], v["baseline"]
-    print(f"{res.package.name}: {res.report['epochs']} epochs; validation ({v['n_val']} images) balanced accuracy "
-          f"{m['balanced_accuracy']:.4f} (baseline {b['balanced_accuracy']:.4f}), accuracy {m['accuracy']:.4f}")
+    if spec.kind == "regression":
+        r2 = "n/a" if m["r2"] is None else f"{m['r2']:.4f}"
+        print(f"{res.package.name}: {res.report['epochs']} epochs; validation ({v['n_val']} images) RMSE {m['rmse']:.4g} "
+              f"(baseline {b['rmse']:.4g}), MAE {m['mae']:.4g}, R² {r2}; output blob {res.surgery.output}")
+    else:
+        print(f"{res.package.name}: {res.report['epochs']} epochs; validation ({v['n_val']} images) balanced accuracy "
+              f"{m['balanced_accuracy']:.4f} (baseline {b['balanced_accuracy']:.4f}), accuracy {m['accuracy']:.4f}")
     print(f"package: {res.package.dir}")
     print(f"report: {res.run_dir / 'report.md'}; caffe: {res.report['caffe']['caffemodel']}")
     return 0

@@ -1,5 +1,7 @@
 """Images and labels for training: records -> labelled rows -> honest split -> augmented batches.
 
+Classification targets are class indices; regression targets the numeric label itself.
+
 Labels and the split are the heads' own (``heads.tasks.prepare``, ``heads.splits.make_split``),
 with each image's sha256 as its group, so the same photo filed twice never lands on both sides.
 Augmentation is Caffe's data layer: a random crop (when the package preprocessing crops) and a
@@ -29,13 +31,18 @@ from heads.tasks import LabelledData, TaskSpec, prepare
 
 @dataclass
 class TrainData:
-    """Labelled rows with their class index, the split, and what was dropped."""
+    """Labelled rows with their target, the split, and what was dropped.
+
+    Classification: ``target`` is the class index (int64) into ``classes``. Regression:
+    ``target`` is the numeric label (float64; batches are cast to the net's float32) and ``classes`` is empty.
+    """
 
     meta: pd.DataFrame  # one row per usable image: path, sha256, the label columns
-    target: np.ndarray  # class index per row
+    target: np.ndarray  # class index per row, or the regression value
     classes: list[str]
     split: Split
     dropped: dict[str, int] = field(default_factory=dict)
+    kind: str = "classification"
 
     @property
     def train(self) -> np.ndarray:
@@ -45,15 +52,34 @@ class TrainData:
     def val(self) -> np.ndarray:
         return self.split.test
 
+    @property
+    def regression(self) -> bool:
+        return self.kind == "regression"
+
     def class_counts(self, rows: np.ndarray) -> dict[str, int]:
         counts = np.bincount(self.target[rows], minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts)}
 
+    def target_summary(self, rows: np.ndarray) -> dict[str, float]:
+        """Regression: count, mean, standard deviation, min and max of the target over ``rows``."""
+        t = self.target[rows].astype(np.float64)
+        if len(t) == 0:
+            return {"n": 0}
+        return {"n": int(len(t)), "mean": float(t.mean()), "std": float(t.std()), "min": float(t.min()), "max": float(t.max())}
+
+    def describe(self, rows: np.ndarray) -> str:
+        """One phrase for the log: class counts, or the target's mean ± std and range."""
+        if self.regression:
+            s = self.target_summary(rows)
+            return f"mean {s['mean']:.4g} ± {s['std']:.4g}, range {s['min']:.4g}..{s['max']:.4g}" if s["n"] else "empty"
+        return "classes " + ", ".join(f"{c} {n}" for c, n in self.class_counts(rows).items())
+
     def fingerprint(self) -> list[list]:
-        """(sha256, class, side) per row, sorted: what the run learns from, for the config hash."""
+        """(sha256, target, side) per row, sorted: what the run learns from, for the config hash."""
         side = np.full(len(self.target), "", dtype=object)
         side[self.train], side[self.val] = "train", "val"
-        return sorted([s, int(t), str(d)] for s, t, d in zip(self.meta["sha256"], self.target, side) if d)
+        value = float if self.regression else int
+        return sorted([s, value(t), str(d)] for s, t, d in zip(self.meta["sha256"], self.target, side) if d)
 
 
 def _hash_all(paths: Sequence[str], workers: int) -> list[tuple[str | None, str | None]]:
@@ -72,9 +98,11 @@ def load_data(
     seed: int = 0,
     workers: int = 2,
 ) -> TrainData:
-    """Rows with a label for ``spec`` and a readable file, split into train and validation."""
-    if spec.kind != "classification":
-        raise GraftError(f"finetune trains classifiers; task {spec.name!r} is {spec.kind} (use fit-head for regression)")
+    """Rows with a label for ``spec`` and a readable file, split into train and validation.
+
+    Regression labels must be numeric (``heads.tasks.prepare`` refuses others, naming the column);
+    rows without a label are dropped and counted, as for classification.
+    """
     data = prepare(np.zeros((len(records), 0), np.float32), records, spec, where=where)
     hashed = _hash_all(data.meta["path"].astype(str).tolist(), workers)
     ok = np.array([sha is not None for sha, _ in hashed])
@@ -87,6 +115,11 @@ def load_data(
     meta = data.meta[ok].reset_index(drop=True)
     meta["sha256"] = [sha for sha, _ in hashed if sha is not None]
     y = data.y[ok]
+    if spec.kind == "regression":
+        labelled = LabelledData(X=data.X[ok], y=y, meta=meta, spec=spec)
+        split = make_split(labelled, split_column=split_column, group_column=group_column, test_size=test_size, seed=seed)
+        dropped.update(split.dropped)
+        return TrainData(meta=meta, target=y.astype(np.float64), classes=[], split=split, dropped=dropped, kind="regression")
     classes = sorted(set(y.tolist()))
     if len(classes) < 2:
         raise GraftError(f"label {spec.label_column!r} has a single class ({classes[0]!r}) among the readable images: nothing to learn")

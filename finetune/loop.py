@@ -1,14 +1,16 @@
 """One training epoch and one validation pass over batches of preprocessed images.
 
-Training: the rate of each iteration from the Caffe policy, forward to the new layer's logits
-(the Softmax is for inference), mean cross-entropy over the batch (Caffe's SoftmaxWithLoss with
-VALID normalisation), backward, Caffe's SGD update. Validation: eval mode (no dropout), the
-softmax probabilities and the per-image loss.
+Training: the rate of each iteration from the Caffe policy, forward to the new layer's output
+(the Softmax is for inference), the batch loss, backward, Caffe's SGD update. The loss is
+Caffe's: for a classifier the mean cross-entropy (``SoftmaxWithLoss``, VALID normalisation),
+for a regressor ``EuclideanLoss`` = sum((prediction - target)^2) / (2 N). Validation: eval mode
+(no dropout), the softmax probabilities (classifier) or the raw outputs (regressor).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Iterable
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convert.errors import GraftError
 from finetune.optim import CaffeSGD
 from finetune.policies import Schedule, learning_rate
 
@@ -56,6 +59,20 @@ def progress_bar(total: int, desc: str, enabled: bool):
                 mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
+def _finite(loss: float, iteration: int, rate: float) -> float:
+    """The loss, or a GraftError when training has diverged (the last epoch's checkpoint stands)."""
+    if not math.isfinite(loss):
+        raise GraftError(f"training diverged at iteration {iteration} (loss {loss}, lr {rate:.3g}): lower --lr or the new "
+                         f"layer's --lr-mult, or set --clip-gradients, and re-run with --restart")
+    return loss
+
+
+def euclidean_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Caffe's ``EuclideanLoss``: sum((pred - target)^2) / (2 N), N the batch size."""
+    diff = pred.reshape(len(pred), -1) - target.reshape(len(target), -1)
+    return (diff * diff).sum() / (2 * len(pred))
+
+
 def train_epoch(
     net: torch.nn.Module,
     opt: CaffeSGD,
@@ -68,11 +85,17 @@ def train_epoch(
     stop_at: int,
     rt: Runtime,
     bar=None,
+    regression: bool = False,
 ) -> tuple[dict, int, list[tuple[int, str]]]:
     """Train on ``batches`` (positions index ``targets``) until they or ``stop_at`` iterations end.
 
+    ``regression``: EuclideanLoss against float targets, stats ``train_loss`` / ``train_rmse``;
+    else cross-entropy against class indices, ``train_loss`` / ``train_accuracy``.
     Returns (stats, the next iteration, failures as (position, reason)).
     """
+    if regression:
+        return _train_regression(net, opt, batches, targets, logits_blob=logits_blob, schedule=schedule,
+                                 iteration=iteration, stop_at=stop_at, rt=rt, bar=bar)
     net.train()
     loss_sum, correct, seen = 0.0, 0, 0
     failed: list[tuple[int, str]] = []
@@ -98,13 +121,51 @@ def train_epoch(
         loss.backward()
         opt.step()
         iteration += 1
-        loss_sum += float(loss.detach()) * len(pos)
+        value = _finite(float(loss.detach()), iteration, rate)
+        loss_sum += value * len(pos)
         correct += int((logits.detach().argmax(1) == yb).sum())
         seen += len(pos)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", lr=f"{rate:.3g}", refresh=False)
     seconds = time.perf_counter() - t0
     stats = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": rate,
+             "train_images": seen, "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
+    return stats, iteration, failed
+
+
+def _train_regression(net, opt, batches, targets, *, logits_blob, schedule, iteration, stop_at, rt, bar):
+    """:func:`train_epoch` with Caffe's EuclideanLoss (one output per image)."""
+    net.train()
+    sq_sum, seen = 0.0, 0
+    failed: list[tuple[int, str]] = []
+    rate = learning_rate(schedule, iteration)
+    t0 = time.perf_counter()
+    for pos, x, bad in batches:
+        if iteration >= stop_at:
+            break
+        failed += bad
+        if bar is not None:
+            bar.update(len(pos) + len(bad))
+        if x is None:
+            continue
+        rate = learning_rate(schedule, iteration)
+        opt.set_rate(rate)
+        xb = rt.batch(x)
+        yb = torch.from_numpy(targets[pos].astype(np.float32)).to(rt.device, non_blocking=True)
+        with rt.autocast():
+            out = net(xb, blobs=[logits_blob])[logits_blob]
+        out = out.float().reshape(len(pos), -1)
+        loss = euclidean_loss(out, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        iteration += 1
+        sq_sum += 2.0 * _finite(float(loss.detach()), iteration, rate) * len(pos)  # the batch's sum of squared errors
+        seen += len(pos)
+        if bar is not None:
+            bar.set_postfix(loss=f"{sq_sum / (2 * seen):.4g}", rmse=f"{np.sqrt(sq_sum / seen):.4g}", lr=f"{rate:.3g}", refresh=False)
+    seconds = time.perf_counter() - t0
+    stats = {"train_loss": sq_sum / (2 * max(seen, 1)), "train_rmse": float(np.sqrt(sq_sum / max(seen, 1))), "lr": rate,
              "train_images": seen, "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
     return stats, iteration, failed
 
@@ -116,8 +177,10 @@ def predict(
     logits_blob: str,
     rt: Runtime,
     bar=None,
+    softmax: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Softmax probabilities (eval mode) and the positions they belong to; failures apart."""
+    """Softmax probabilities (or, ``softmax=False``, the raw outputs: a regressor's predictions,
+    shape (N, 1)) in eval mode, and the positions they belong to; failures apart."""
     net.eval()
     probs, positions, failed = [], [], []
     with torch.inference_mode():
@@ -129,19 +192,34 @@ def predict(
                 continue
             with rt.autocast():
                 logits = net(rt.batch(x), blobs=[logits_blob])[logits_blob]
-            probs.append(torch.softmax(logits.float().reshape(len(pos), -1), dim=1).cpu().numpy())
+            out = logits.float().reshape(len(pos), -1)
+            probs.append((torch.softmax(out, dim=1) if softmax else out).cpu().numpy())
             positions += pos
     proba = np.concatenate(probs) if probs else np.zeros((0, 0), np.float32)
     return proba, np.asarray(positions, dtype=np.int64), failed
 
 
-def val_stats(proba: np.ndarray, y: np.ndarray) -> dict:
-    """Loss, accuracy and balanced accuracy of probabilities against class indices."""
+def val_stats(proba: np.ndarray, y: np.ndarray, *, regression: bool = False) -> dict:
+    """Loss, accuracy and balanced accuracy of probabilities against class indices; for a
+    regressor (``proba`` = the outputs, (N, 1)) EuclideanLoss, RMSE, MAE and R²."""
     from sklearn.metrics import balanced_accuracy_score
 
+    if regression:
+        return regression_val_stats(proba, y)
     if len(y) == 0:
         return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_balanced_accuracy": float("nan")}
     p = np.clip(proba[np.arange(len(y)), y].astype(np.float64), 1e-12, 1.0)
     pred = proba.argmax(1)
     return {"val_loss": float(-np.log(p).mean()), "val_accuracy": float((pred == y).mean()),
             "val_balanced_accuracy": float(balanced_accuracy_score(y, pred))}
+
+
+def regression_val_stats(pred: np.ndarray, y: np.ndarray) -> dict:
+    """EuclideanLoss (sum of squares / 2N), RMSE, MAE and R² of predictions against targets."""
+    if len(y) == 0:
+        return {k: float("nan") for k in ("val_loss", "val_rmse", "val_mae", "val_r2")}
+    err = pred.reshape(len(y)).astype(np.float64) - y.astype(np.float64)
+    sq = float((err * err).mean())
+    var = float(((y - y.mean()) ** 2).mean())
+    return {"val_loss": sq / 2, "val_rmse": float(np.sqrt(sq)), "val_mae": float(np.abs(err).mean()),
+            "val_r2": 1.0 - sq / var if var > 0 and len(y) > 1 else float("nan")}

@@ -1,9 +1,11 @@
-"""Net surgery on the prototxt: cut the deploy net at a blob, append a new classifier.
+"""Net surgery on the prototxt: cut the deploy net at a blob, append a new classifier or regressor.
 
 The result is a real Caffe net (a V2 ``NetParameter``): the input, every layer the cut blob
-depends on (verbatim, with its ``param`` specs), then InnerProduct ``<last IP>_<task>``
-(``num_output`` = number of classes, Caffe fillers) and Softmax ``prob``. It is what one would
-write by hand for ``caffe train``, and what the fine-tuned package's ``deploy.prototxt`` becomes.
+depends on (verbatim, with its ``param`` specs), then InnerProduct ``<last IP>_<task>`` with Caffe
+fillers and, for a classifier, ``num_output`` = number of classes and Softmax ``prob``; for a
+regressor ``num_output`` 1, no Softmax (the InnerProduct's top is the net's output) and a
+constant bias filler at the training targets' mean. It is what one would write by hand for
+``caffe train``, and what the fine-tuned package's ``deploy.prototxt`` becomes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class Surgery:
     new_layer: str  # the appended InnerProduct (its top has the same name)
     kept: list[str]  # base layers kept, in order
     cut: list[str]  # base layers dropped
+    softmax: bool = True  # a Softmax 'prob' follows the new layer (classification)
+
+    @property
+    def output(self) -> str:
+        """The net's output blob: ``prob`` for a classifier, the new layer's top for a regressor."""
+        return PROB if self.softmax else self.new_layer
 
     @property
     def layer_names(self) -> list[str]:
@@ -102,12 +110,16 @@ def cut_and_append(
     from_blob: str | None = None,
     new_layer: str | None = None,
     init: str = "gaussian",
+    softmax: bool = True,
+    bias: float = 0.0,
 ) -> Surgery:
-    """The package's deploy net cut at ``from_blob`` with a new ``n_classes``-way classifier on top.
+    """The package's deploy net cut at ``from_blob`` with a new ``n_classes``-output InnerProduct on top.
 
     ``init``: ``gaussian`` (std 0.01, Caffe's fine-tuning default) or ``xavier`` for the new
-    weights; the bias starts at 0. The new layer gets Caffe's usual multipliers (weights lr 1 /
-    decay 1, bias lr 2 / decay 0) unless overridden later.
+    weights; the bias starts at ``bias`` (a constant filler: 0 for a classifier, the training
+    targets' mean for a regressor). The new layer gets Caffe's usual multipliers (weights lr 1 /
+    decay 1, bias lr 2 / decay 0) unless overridden later. ``softmax``: append Softmax ``prob``
+    (a classifier); without it the new layer's top is the net's output (a regressor).
     """
     from_blob = from_blob or default_from_blob(pkg)
     pkg.check_blobs([from_blob])
@@ -131,8 +143,12 @@ def cut_and_append(
     names = {layer.name for layer in net.layer}
     blobs = {t for layer in net.layer for t in layer.top}
     for name, what in ((new_layer, "the new layer (--new-layer)"), (PROB, "the new Softmax")):
+        if name == PROB and not softmax:
+            continue
         if name in names or name in blobs:
             raise GraftError(f"{what} would be named '{name}', which the kept net already uses; pick another --new-layer")
+    if softmax and new_layer == PROB:
+        raise GraftError(f"the new layer cannot be named '{PROB}': the Softmax after it is; pick another --new-layer")
     if init not in ("gaussian", "xavier"):
         raise GraftError(f"--init must be gaussian or xavier, got {init!r}")
     ip = net.layer.add(name=new_layer, type="InnerProduct")
@@ -146,12 +162,13 @@ def cut_and_append(
         p.weight_filler.type, p.weight_filler.std = "gaussian", 0.01
     else:
         p.weight_filler.type = "xavier"
-    p.bias_filler.type, p.bias_filler.value = "constant", 0.0
-    sm = net.layer.add(name=PROB, type="Softmax")
-    sm.bottom.append(new_layer)
-    sm.top.append(PROB)
+    p.bias_filler.type, p.bias_filler.value = "constant", float(bias)
+    if softmax:
+        sm = net.layer.add(name=PROB, type="Softmax")
+        sm.bottom.append(new_layer)
+        sm.top.append(PROB)
     cut = [layer["name"] for layer in layers if layer["name"] not in keep]
-    return Surgery(net=net, from_blob=from_blob, bottom=bottom, new_layer=new_layer, kept=kept, cut=cut)
+    return Surgery(net=net, from_blob=from_blob, bottom=bottom, new_layer=new_layer, kept=kept, cut=cut, softmax=softmax)
 
 
 def new_layer_weights(surgery: Surgery, in_features: int, seed: int) -> list[np.ndarray]:
@@ -160,3 +177,9 @@ def new_layer_weights(surgery: Surgery, in_features: int, seed: int) -> list[np.
     p = ip.inner_product_param
     rng = np.random.default_rng(seed)
     return [fill(p.weight_filler, (p.num_output, in_features), rng), fill(p.bias_filler, (p.num_output,), rng)]
+
+
+def new_layer_bias(surgery: Surgery) -> float:
+    """The constant the appended layer's bias starts at (the training targets' mean for a regressor)."""
+    ip = next(layer for layer in surgery.net.layer if layer.name == surgery.new_layer)
+    return float(ip.inner_product_param.bias_filler.value)

@@ -1,9 +1,10 @@
 """``finetune``: a model package and labelled images in, a fine-tuned model package out.
 
 Steps: labels and an honest split (``data``) -> cut the deploy prototxt and append a classifier
-(``surgery``) -> per-blob multipliers (``multipliers``) -> a torch net from that prototxt and the
-package's weights -> epochs of Caffe SGD (``loop``, ``optim``, ``policies``), a checkpoint after
-each (``checkpoint``) -> caffemodel + prototxt -> ``convert_model`` (``export``) -> report.
+or a regressor (``surgery``) -> per-blob multipliers (``multipliers``) -> a torch net from that
+prototxt and the package's weights -> epochs of Caffe SGD (``loop``, ``optim``, ``policies``), a
+checkpoint after each (``checkpoint``) -> caffemodel + prototxt -> ``convert_model`` (``export``)
+-> report.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from finetune.export import export_package, write_caffe
 from finetune.loop import Runtime, predict, progress_bar, train_epoch, val_stats
 from finetune.multipliers import LayerMults, from_prototxt, resolve, write_back
 from finetune.optim import CaffeSGD
-from finetune.report import validation_scores, write_report
+from finetune.report import regression_scores, validation_scores, write_report
 from finetune.solver import Solver, build_solver, with_max_iter
-from finetune.surgery import Surgery, cut_and_append, new_layer_weights
+from finetune.surgery import Surgery, cut_and_append, new_layer_bias, new_layer_weights
 from heads.persist import library_versions, now
 from heads.tasks import TaskSpec
 
@@ -139,7 +140,10 @@ def _config(pkg: ModelPackage, spec: TaskSpec, data: TrainData, surgery: Surgery
         "base_model": {"name": pkg.name, "weights_sha256": pkg.weights_sha256},
         "net": {"from_blob": surgery.from_blob, "new_layer": surgery.new_layer,
                 "prototxt_sha256": hashlib.sha256(text_format.MessageToString(surgery.net).encode()).hexdigest()},
-        "task": {"name": spec.name, "label_column": spec.label_column, "classes": data.classes},
+        # the kind is recorded for regression only, so that classification runs written before regression
+        # existed still resume: a missing kind means classification, and either way the kinds differ
+        "task": {"name": spec.name, "label_column": spec.label_column, "classes": data.classes,
+                 **({"kind": spec.kind} if spec.kind != "classification" else {})},
         "data": {"images_sha256": fingerprint, "n_train": int(len(data.train)), "n_val": int(len(data.val))},
         "solver": sched,
         "batch_size": batch_size,
@@ -183,6 +187,10 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``records`` for ``spec``; resumes a run of the same configuration.
 
+    A classification task gets a new InnerProduct with one output per class and Softmax ``prob``
+    (loss: SoftmaxWithLoss); a regression task one output, no Softmax, its bias initialised to the
+    training targets' mean (loss: EuclideanLoss).
+
     ``solver`` defaults to :func:`finetune.solver.build_solver` (lr 0.001 fixed, momentum 0.9,
     weight decay 0.0005). Training stops after ``epochs`` (default: the solver's ``max_iter``,
     else 10 epochs). ``on_epoch_end(history_row)`` runs after each epoch's checkpoint is written.
@@ -201,7 +209,10 @@ def finetune(
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     data = load_data(records, spec, where=where, split_column=split_column, group_column=group_column,
                      test_size=test_size, seed=seed, workers=max(1, workers))
-    surgery = cut_and_append(pkg, len(data.classes), task=spec.name, from_blob=from_blob, new_layer=new_layer, init=init)
+    regression = data.regression
+    target_mean = float(np.mean(data.target[data.train])) if regression else 0.0
+    surgery = cut_and_append(pkg, 1 if regression else len(data.classes), task=spec.name, from_blob=from_blob,
+                             new_layer=new_layer, init=init, softmax=not regression, bias=target_mean)
     graph, net = build_net(pkg, surgery, seed)
     mults = resolve(from_prototxt(surgery.net, {n.name: len(n.weights) for n in graph.nodes}), surgery.layer_names,
                     lr_mult=lr_mult, freeze=freeze, cut=surgery.cut)
@@ -225,8 +236,10 @@ def finetune(
     for note in solver.notes:  # said once the input is known to be good, so that an error stays one line
         log(f"note: {note}")
     log(f"{spec.name}: {len(data.train)} train / {len(data.val)} validation images ({data.split.source}); "
-        f"classes {', '.join(f'{c} {n}' for c, n in data.class_counts(data.train).items())}")
-    log(f"net: {pkg.name} cut at '{surgery.from_blob}' + {surgery.new_layer} ({len(data.classes)}) + prob; "
+        f"{data.describe(data.train)}")
+    head = (f"{surgery.new_layer} (1 output, bias from the train mean {target_mean:.4g}), EuclideanLoss" if regression
+            else f"{surgery.new_layer} ({len(data.classes)}) + prob")
+    log(f"net: {pkg.name} cut at '{surgery.from_blob}' + {head}; "
         f"training {len(trained)} of {len(mults)} learnable layers ({', '.join(trained[:6])}{', ...' if len(trained) > 6 else ''})")
 
     rt.prepare(net)
@@ -252,7 +265,8 @@ def finetune(
         bar = progress_bar(len(rows), bar_desc, progress)
         try:
             proba, pos, failed = predict(net, iter_batches(rows, lambda r: pp.load(paths[r]), batch_size, workers=workers,
-                                                           shape=shape), logits_blob=logits_blob, rt=rt, bar=bar)
+                                                           shape=shape), logits_blob=logits_blob, rt=rt, bar=bar,
+                                            softmax=not regression)
         finally:
             bar.close()
         for p, why in failed:
@@ -275,7 +289,7 @@ def finetune(
                 net, opt, iter_batches(items, lambda it: load_train_image(pp, paths[it[0]], it[1], it[2]), batch_size,
                                        workers=workers, shape=shape),
                 data.target[rows], logits_blob=logits_blob, schedule=solver.schedule, iteration=iteration,
-                stop_at=total_iters, rt=rt, bar=bar)
+                stop_at=total_iters, rt=rt, bar=bar, regression=regression)
         finally:
             bar.close()
         for p, why in failed:
@@ -283,7 +297,7 @@ def finetune(
         if stats["train_images"] == 0:
             raise GraftError(f"epoch {epoch + 1}: no training image could be decoded (e.g. {next(iter(skipped.values()), '?')})")
         last_val = validate("validate")
-        vstats = val_stats(last_val[0], data.target[last_val[1]])
+        vstats = val_stats(last_val[0], data.target[last_val[1]], regression=regression)
         row = {"epoch": epoch + 1, "iteration": iteration, **stats, **vstats,
                "epoch_seconds": time.perf_counter() - t_epoch}
         history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
@@ -292,9 +306,14 @@ def finetune(
                                                   "optimizer": opt.state_dict(), "history": history, "skipped": skipped,
                                                   "rng": rng})
         left = np.mean([h["epoch_seconds"] for h in history[start:]]) * (epochs - epoch - 1)
-        log(f"epoch {epoch + 1}/{epochs}: lr {stats['lr']:.3g}, train loss {stats['train_loss']:.4f} acc {stats['train_accuracy']:.3f}"
-            f" | val loss {vstats['val_loss']:.4f} acc {vstats['val_accuracy']:.3f} balanced {vstats['val_balanced_accuracy']:.3f}"
-            f" | {stats['images_per_s']:.0f} img/s" + (f", ~{left:.0f} s left" if left >= 1 else ""))
+        if regression:
+            scores = (f"train loss {stats['train_loss']:.4g} rmse {stats['train_rmse']:.4g} | val loss {vstats['val_loss']:.4g}"
+                      f" rmse {vstats['val_rmse']:.4g} mae {vstats['val_mae']:.4g} r2 {vstats['val_r2']:.3f}")
+        else:
+            scores = (f"train loss {stats['train_loss']:.4f} acc {stats['train_accuracy']:.3f} | val loss {vstats['val_loss']:.4f}"
+                      f" acc {vstats['val_accuracy']:.3f} balanced {vstats['val_balanced_accuracy']:.3f}")
+        log(f"epoch {epoch + 1}/{epochs}: lr {stats['lr']:.3g}, {scores} | {stats['images_per_s']:.0f} img/s"
+            + (f", ~{left:.0f} s left" if left >= 1 else ""))
         if on_epoch_end is not None:
             on_epoch_end(history[-1])
     if not history:
@@ -305,19 +324,27 @@ def finetune(
     net.eval().cpu()
     prototxt, caffemodel = write_caffe(run_dir, name, surgery.net, graph, net)
     t_export = time.perf_counter()
-    package = export_package(prototxt, caffemodel, pkg, name=name, out=out, classes=data.classes, log=log)
+    package = export_package(prototxt, caffemodel, pkg, name=name, out=out, classes=data.classes or None, log=log)
     proba, rows = last_val
-    scores = validation_scores(proba, data.target[rows], data.target[data.train], data.classes)
+    if regression:
+        scores = regression_scores(proba, data.target[rows], data.target[data.train])
+    else:
+        scores = validation_scores(proba, data.target[rows], data.target[data.train], data.classes)
     report = _report(name, pkg, spec, data, surgery, mults, solver, history, scores, package, prototxt, caffemodel,
                      rt=rt, batch_size=batch_size, mirror=mirror, seed=seed, skipped=skipped,
                      timings={"data_and_train_s": round(t_export - t0, 3), "export_s": round(time.perf_counter() - t_export, 3), "total_s": round(time.perf_counter() - t0, 3)})
-    write_report(run_dir, report, plots=plots)
+    write_report(run_dir, report, plots=plots, val=(data.target[rows], proba) if regression else None)
     _write_predictions(run_dir / "val_predictions.csv", data, proba, rows)
     return FinetuneResult(package=package, run_dir=run_dir, report=report, net=net, graph=graph, surgery=surgery)
 
 
 def _write_predictions(path: Path, data: TrainData, proba: np.ndarray, rows: np.ndarray) -> None:
-    """``val_predictions.csv``: path, true class, predicted class, p_<class> per validation image."""
+    """``val_predictions.csv``: path, true class, predicted class, p_<class> per validation image;
+    for a regressor path, true value, prediction."""
+    if data.regression:
+        pd.DataFrame({"path": data.meta["path"].to_numpy()[rows], "true": data.target[rows],
+                      "prediction": proba.reshape(len(rows))}).to_csv(path, index=False)
+        return
     names = np.asarray(data.classes, dtype=object)
     df = pd.DataFrame({"path": data.meta["path"].to_numpy()[rows], "true": names[data.target[rows]],
                        "prediction": names[proba.argmax(1)]})
@@ -338,10 +365,14 @@ def _report(name, pkg, spec, data, surgery, mults, solver, history, scores, pack
         "task": {"name": spec.name, "label_column": spec.label_column, "kind": spec.kind},
         "classes": data.classes,
         "data": {"n_train": int(len(data.train)), "n_val": int(len(data.val)), "split": data.split.source,
-                 "class_counts": {"train": data.class_counts(data.train), "validation": data.class_counts(data.val)},
+                 **({"target": {"train": data.target_summary(data.train), "validation": data.target_summary(data.val)}}
+                    if data.regression else
+                    {"class_counts": {"train": data.class_counts(data.train), "validation": data.class_counts(data.val)}}),
                  "dropped": data.dropped},
         "skipped_images": skipped,
         "net": {"from_blob": surgery.from_blob, "bottom": surgery.bottom, "new_layer": surgery.new_layer,
+                "output": surgery.output, "loss": "EuclideanLoss" if data.regression else "SoftmaxWithLoss",
+                **({"bias_init": float(new_layer_bias(surgery))} if data.regression else {}),
                 "kept_layers": surgery.kept, "cut_layers": surgery.cut, "batch_norm_global_stats": batch_norm,
                 "multipliers": [{"layer": lm.name, "type": lm.type, "lr_mult": [m[0] for m in lm.mults],
                                  "decay_mult": [m[1] for m in lm.mults], "from": lm.why} for lm in mults]},

@@ -2,9 +2,10 @@
 
 det3 is converted once per module (with a 54 -> 48 crop in its preprocessing, so the random-crop
 path runs too) and fine-tuned for gender from its 256-d ``conv5`` on a seeded subset of the
-IMDB-WIKI gender faces (100 per class to train, the whole test split as validation). The MATLAB
-transpose of the original recipe is ignored: the net is re-trained on upright faces. Unit checks
-(lr policies, the SGD update, solver files) need no test bed.
+IMDB-WIKI gender faces (100 per class to train, the whole test split as validation), and for age
+regression (one output, EuclideanLoss) on 150 seeded age-data faces. The MATLAB transpose of the
+original recipe is ignored: the net is re-trained on upright faces. Unit checks (lr policies, the
+SGD update, solver files, Caffe's EuclideanLoss) need no test bed.
 """
 
 from __future__ import annotations
@@ -467,7 +468,8 @@ def _bad(det3: Path, solver: Path) -> dict[str, tuple[list[str], str]]:
         "bad lr-mult": (["--lr-mult", "conv5"], "--lr-mult takes LAYER=MULT"),
         "single class": (["--where", "gender=male"], "single class"),
         "missing label column": (["--task", "x", "--label-column", "nope", "--kind", "classification"], "label column 'nope' not found"),
-        "regression": (["--task", "age"], "finetune trains classifiers"),
+        "non-numeric regression label": (["--task", "x", "--label-column", "gender", "--kind", "regression"],
+                                         "regression label 'gender' is not numeric"),
         "bad solver": (["--solver", str(solver)], "syntax error at line 2"),
         "missing solver": (["--solver", str(solver) + ".missing"], "no such file"),
         "step without stepsize": (["--lr-policy", "step", "--gamma", "0.1"], "needs stepsize"),
@@ -537,3 +539,189 @@ def test_batchnorm_net_trains_with_global_statistics(tmp_path: Path) -> None:
     assert mults["bn_1"] == [0.0, 0.0, 0.0] and mults["conv_1"] == [1.0, 1.0]
     pkg = load_package(res.package.dir)
     assert pkg.manifest["verification"]["passed"] and pkg.classes == ["female", "male"]
+
+
+# -- regression (age): one output, EuclideanLoss ------------------------------------------------------
+
+def test_euclidean_loss_is_caffes() -> None:
+    """EuclideanLoss = sum((pred - y)^2) / (2N), gradient (pred - y) / N; the validation stats agree
+    with the heads' metrics."""
+    from finetune.loop import euclidean_loss, regression_val_stats
+    from heads.evaluate import regression_metrics
+
+    rng = np.random.default_rng(0)
+    pred = torch.tensor(rng.normal(40, 10, (8, 1)), dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(rng.normal(40, 10, 8))
+    loss = euclidean_loss(pred, y)
+    d = pred.detach().numpy()[:, 0] - y.numpy()
+    assert float(loss.detach()) == pytest.approx((d ** 2).sum() / 16, rel=1e-12)
+    loss.backward()
+    np.testing.assert_allclose(pred.grad.numpy()[:, 0], d / 8, rtol=1e-12)
+    got = regression_val_stats(pred.detach().numpy(), y.numpy())
+    want = regression_metrics(y.numpy(), pred.detach().numpy()[:, 0])
+    assert got["val_loss"] == pytest.approx((d ** 2).mean() / 2)
+    assert (got["val_rmse"], got["val_mae"], got["val_r2"]) == pytest.approx((want["rmse"], want["mae"], want["r2"]))
+
+
+def age_records(tmp: Path, n_train: int, n_val: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """labels.csv rows of age-data with an ``age_approx``: ``n_train`` seeded train rows and the test
+    split (or ``n_val`` of it), read back as ``--csv --path-column file`` would."""
+    from extract.sources import load_records
+
+    d = pd.read_csv(FACES / "labels.csv")
+    d = d[(d["task"] == "age-data") & d["age_approx"].notna()]
+    train = d[d["split"] == "train"].sample(n_train, random_state=seed)
+    test = d[d["split"] == "test"]
+    if n_val is not None:
+        test = test.sample(n_val, random_state=seed)
+    pd.concat([train, test]).to_csv(tmp / "labels.csv", index=False)
+    return load_records(csv=str(tmp / "labels.csv"), path_column="file", root=str(FACES))
+
+
+#: raw ages (19..59) under EuclideanLoss: Caffe's clip_gradients keeps the first epochs from diverging
+AGE_SOLVER = dict(base_lr=0.01, lr_policy="step", gamma=0.5, stepsize=20, clip_gradients=3)
+
+
+@pytest.fixture(scope="module")
+def trained_age(det3: Path, tmp_path_factory: pytest.TempPathFactory):
+    """10 epochs of age regression from conv5 (conv1..prelu2 frozen), mirror + random crop."""
+    from finetune import finetune
+    from heads.tasks import resolve_task
+
+    if not (FACES / "labels.csv").is_file():
+        pytest.skip(f"test bed absent: {FACES}")
+    tmp = tmp_path_factory.mktemp("finetune-age")
+    return finetune(det3, age_records(tmp, 150), resolve_task("age"), freeze=["conv1:prelu2"], solver=build_solver(**AGE_SOLVER),
+                    epochs=10, batch_size=32, mirror=True, seed=0, name="det3-age", out=tmp / "det3-age",
+                    run_dir=tmp / "run", workers=2, threads=2, progress=False, log=lambda m: None)
+
+
+@needs_testbed
+def test_age_regression_beats_the_train_mean(trained_age) -> None:
+    rep = trained_age.report
+    v = rep["validation"]
+    assert rep["task"] == {"name": "age", "label_column": "age_approx", "kind": "regression"} and rep["classes"] == []
+    assert (rep["data"]["n_train"], rep["data"]["n_val"]) == (150, 83)
+    train_mean = rep["data"]["target"]["train"]["mean"]
+    assert v["baseline"]["predicts"] == pytest.approx(train_mean)
+    assert rep["net"]["loss"] == "EuclideanLoss" and rep["net"]["output"] == "conv6-3_age"
+    assert rep["net"]["bias_init"] == pytest.approx(train_mean, rel=1e-6)  # float32 in the prototxt's filler
+    # seeds 0-3 (subset and training) give 0.86-0.88 x the baseline RMSE (R² 0.21-0.25) on 2 cores
+    assert v["metrics"]["rmse"] < 0.95 * v["baseline"]["rmse"], (v["metrics"], v["baseline"])
+    assert v["metrics"]["r2"] is not None and v["metrics"]["r2"] > 0.05, v["metrics"]
+    assert v["metrics"]["mae"] < v["baseline"]["mae"]
+    h = rep["history"]
+    assert [r["epoch"] for r in h] == list(range(1, 11)) and h[-1]["iteration"] == 10 * 5
+    assert h[-1]["lr"] == pytest.approx(0.01 * 0.5 ** 2)
+    for k in ("train_loss", "train_rmse", "val_loss", "val_rmse", "val_mae", "val_r2"):
+        assert all(np.isfinite(r[k]) for r in h), k
+    assert h[-1]["val_rmse"] == pytest.approx(v["metrics"]["rmse"]) and h[-1]["val_r2"] == pytest.approx(v["metrics"]["r2"])
+    assert h[-1]["val_loss"] == pytest.approx(v["metrics"]["rmse"] ** 2 / 2)  # EuclideanLoss = mean square / 2
+    assert sorted(rep["plots"]) == ["learning_curve.png", "pred_vs_true.png"]
+    for f in ("report.json", "report.md", "learning_curve.png", "pred_vs_true.png", "val_predictions.csv", "det3-age.caffemodel"):
+        assert (trained_age.run_dir / f).is_file(), f
+    assert not (trained_age.run_dir / "confusion_matrix.png").exists()
+    md = (trained_age.run_dir / "report.md").read_text()
+    assert "| rmse |" in md and "| r2 |" in md and "EuclideanLoss" in md
+    pred = pd.read_csv(trained_age.run_dir / "val_predictions.csv")
+    assert list(pred.columns) == ["path", "true", "prediction"] and len(pred) == 83
+
+
+@needs_testbed
+def test_age_package_output_equals_trained_torch(trained_age) -> None:
+    """The package's ONNX output for the validation images equals the trained torch net's; the
+    prototxt ends at the new InnerProduct (no Softmax), the manifest has no classes."""
+    import onnxruntime as ort
+
+    from convert.parse import read_prototxt
+    from extract.pipeline import resolve_preprocess
+
+    pkg = trained_age.package
+    assert pkg.outputs == ["conv6-3_age"] and not pkg.classes and not (pkg.dir / "classes.txt").exists()
+    assert pkg.manifest["blobs"]["conv6-3_age"]["shape"] == [None, 1]
+    for proto in (pkg.dir / "deploy.prototxt", trained_age.report["caffe"]["prototxt"]):
+        layers = list(read_prototxt(proto).layer)
+        assert layers[-1].name == "conv6-3_age" and layers[-1].type == "InnerProduct", proto
+        assert layers[-1].inner_product_param.num_output == 1
+        assert not any(layer.type == "Softmax" for layer in layers), proto  # det3's prob1 is cut off, none is added
+    pred = pd.read_csv(trained_age.run_dir / "val_predictions.csv")
+    pp = resolve_preprocess(pkg)
+    x = np.stack([pp.load(p) for p in pred["path"]])
+    sess = ort.InferenceSession(str(pkg.onnx_path), providers=["CPUExecutionProvider"])
+    out = sess.run(["conv6-3_age"], {pkg.input_name: x})[0]
+    with torch.no_grad():
+        ref = trained_age.net.eval()(torch.from_numpy(x), blobs=["conv6-3_age"])["conv6-3_age"].numpy()
+    assert out.shape == ref.shape == (83, 1)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out[:, 0], pred["prediction"].to_numpy(), atol=1e-4, rtol=0)
+
+
+@needs_testbed
+def test_age_interrupted_run_resumes_to_the_same_weights(det3: Path, tmp_path: Path) -> None:
+    from finetune import finetune
+    from heads.tasks import resolve_task
+
+    records = age_records(tmp_path, 32, n_val=16, seed=1)
+    kw = dict(epochs=3, batch_size=16, mirror=True, seed=1, threads=2, progress=False, log=lambda m: None, plots=False,
+              solver=build_solver(**AGE_SOLVER), freeze=["conv1:prelu2"])
+    whole = finetune(det3, records, resolve_task("age"), run_dir=tmp_path / "a", out=tmp_path / "pa", workers=0, **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(det3, records, resolve_task("age"), run_dir=tmp_path / "b", out=tmp_path / "pb", workers=2,
+                 on_epoch_end=stop_after_first, **kw)
+    logs: list[str] = []
+    resumed = finetune(det3, records, resolve_task("age"), run_dir=tmp_path / "b", out=tmp_path / "pb", workers=2,
+                       **{**kw, "log": logs.append})
+    assert any("resuming" in m and "after epoch 1" in m for m in logs), logs
+    assert any("EuclideanLoss" in m for m in logs) and any("rmse" in m and "r2" in m for m in logs), logs
+    for (k, a), (k2, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    timing = ("seconds", "images_per_s", "epoch_seconds")
+    untimed = [[{k: v for k, v in h.items() if k not in timing} for h in r.report["history"]] for r in (whole, resumed)]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 3
+    assert (tmp_path / "pa" / "weights.safetensors").read_bytes() == (tmp_path / "pb" / "weights.safetensors").read_bytes()
+    # the task kind is part of the configuration: the same column as a classifier is another run
+    with pytest.raises(GraftError, match=r"another configuration \(differs in: .*task\.kind"):
+        finetune(det3, records, resolve_task("age", kind="classification"), run_dir=tmp_path / "b", out=tmp_path / "pb", **kw)
+
+
+@needs_testbed
+def test_cli_age_regression(det3: Path, tmp_path: Path, capsys) -> None:
+    """``--label-column age_approx --kind regression`` through the command line: RMSE beside the
+    baseline in the summary, a package whose output is the new layer, no classes.txt."""
+    import cli
+
+    d = pd.read_csv(FACES / "labels.csv")
+    d = d[d["task"] == "age-data"].groupby("split").head(12)  # the predict rows have no age: dropped and counted
+    d.to_csv(tmp_path / "labels.csv", index=False)
+    rc = cli.main(["finetune", "--model", str(det3), "--label-column", "age_approx", "--kind", "regression", "--csv",
+                   str(tmp_path / "labels.csv"), "--path-column", "file", "--root", str(FACES), "--epochs", "1", "--batch-size", "8",
+                   "--lr", "0.001", "--clip-gradients", "3", "--threads", "2", "--workers", "0", "--no-progress", "--no-plots",
+                   "--name", "age", "--out", str(tmp_path / "age"), "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "age: 1 epochs; validation (12 images) RMSE" in out.out and "baseline" in out.out, out.out
+    assert "output blob conv6-3_age_approx" in out.out, out.out
+    assert not (tmp_path / "age" / "classes.txt").exists()
+    rep = __import__("json").loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["data"]["dropped"]["missing_label"] > 0 and rep["solver"]["clip_gradients"] == 3
+
+
+@needs_testbed
+def test_diverging_regression_is_one_clear_error(det3: Path, tmp_path: Path) -> None:
+    """Raw targets at a far too high rate: a GraftError naming the iteration, not a NaN package."""
+    from finetune import finetune
+    from heads.tasks import resolve_task
+
+    with pytest.raises(GraftError, match=r"training diverged at iteration \d+ \(loss (nan|inf)"):
+        finetune(det3, age_records(tmp_path, 16, n_val=8), resolve_task("age"), solver=build_solver(base_lr=10.0), epochs=3,
+                 batch_size=8, seed=0, run_dir=tmp_path / "run", out=tmp_path / "pkg", workers=0, threads=2, progress=False,
+                 plots=False, log=lambda m: None)
+    assert not (tmp_path / "pkg").exists()
