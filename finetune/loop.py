@@ -93,9 +93,6 @@ def train_epoch(
     else cross-entropy against class indices, ``train_loss`` / ``train_accuracy``.
     Returns (stats, the next iteration, failures as (position, reason)).
     """
-    if regression:
-        return _train_regression(net, opt, batches, targets, logits_blob=logits_blob, schedule=schedule,
-                                 iteration=iteration, stop_at=stop_at, rt=rt, bar=bar)
     net.train()
     loss_sum, correct, seen = 0.0, 0, 0
     failed: list[tuple[int, str]] = []
@@ -112,60 +109,28 @@ def train_epoch(
         rate = learning_rate(schedule, iteration)
         opt.set_rate(rate)
         xb = rt.batch(x)
-        yb = torch.from_numpy(targets[pos]).to(rt.device, non_blocking=True)
-        with rt.autocast():
-            logits = net(xb, blobs=[logits_blob])[logits_blob]
-        logits = logits.float().reshape(len(pos), -1)
-        loss = F.cross_entropy(logits, yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        iteration += 1
-        value = _finite(float(loss.detach()), iteration, rate)
-        loss_sum += value * len(pos)
-        correct += int((logits.detach().argmax(1) == yb).sum())
-        seen += len(pos)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", lr=f"{rate:.3g}", refresh=False)
-    seconds = time.perf_counter() - t0
-    stats = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), "lr": rate,
-             "train_images": seen, "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
-    return stats, iteration, failed
-
-
-def _train_regression(net, opt, batches, targets, *, logits_blob, schedule, iteration, stop_at, rt, bar):
-    """:func:`train_epoch` with Caffe's EuclideanLoss (one output per image)."""
-    net.train()
-    sq_sum, seen = 0.0, 0
-    failed: list[tuple[int, str]] = []
-    rate = learning_rate(schedule, iteration)
-    t0 = time.perf_counter()
-    for pos, x, bad in batches:
-        if iteration >= stop_at:
-            break
-        failed += bad
-        if bar is not None:
-            bar.update(len(pos) + len(bad))
-        if x is None:
-            continue
-        rate = learning_rate(schedule, iteration)
-        opt.set_rate(rate)
-        xb = rt.batch(x)
-        yb = torch.from_numpy(targets[pos].astype(np.float32)).to(rt.device, non_blocking=True)
+        y = targets[pos].astype(np.float32) if regression else targets[pos]
+        yb = torch.from_numpy(y).to(rt.device, non_blocking=True)
         with rt.autocast():
             out = net(xb, blobs=[logits_blob])[logits_blob]
         out = out.float().reshape(len(pos), -1)
-        loss = euclidean_loss(out, yb)
+        loss = euclidean_loss(out, yb) if regression else F.cross_entropy(out, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         iteration += 1
-        sq_sum += 2.0 * _finite(float(loss.detach()), iteration, rate) * len(pos)  # the batch's sum of squared errors
+        loss_sum += _finite(float(loss.detach()), iteration, rate) * len(pos)
         seen += len(pos)
+        if not regression:
+            correct += int((out.detach().argmax(1) == yb).sum())
         if bar is not None:
-            bar.set_postfix(loss=f"{sq_sum / (2 * seen):.4g}", rmse=f"{np.sqrt(sq_sum / seen):.4g}", lr=f"{rate:.3g}", refresh=False)
+            shown = {"rmse": f"{math.sqrt(2 * loss_sum / seen):.4g}"} if regression else {"acc": f"{correct / seen:.3f}"}
+            bar.set_postfix(loss=f"{loss_sum / seen:.4g}", **shown, lr=f"{rate:.3g}", refresh=False)
     seconds = time.perf_counter() - t0
-    stats = {"train_loss": sq_sum / (2 * max(seen, 1)), "train_rmse": float(np.sqrt(sq_sum / max(seen, 1))), "lr": rate,
+    n = max(seen, 1)
+    # EuclideanLoss is sum of squares / 2N, so RMSE = sqrt(2 * loss)
+    metric = {"train_rmse": math.sqrt(2 * loss_sum / n)} if regression else {"train_accuracy": correct / n}
+    stats = {"train_loss": loss_sum / n, **metric, "lr": rate,
              "train_images": seen, "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0}
     return stats, iteration, failed
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from heads.evaluate import baseline_metrics, classification_metrics, regression_metrics
-from heads.report import plot_confusion_matrix
+from heads.report import confusion_matrix_markdown, plot_confusion_matrix
 
 SUMMARY = ("accuracy", "balanced_accuracy", "roc_auc", "macro_f1")
 REGRESSION_SUMMARY = ("rmse", "mae", "r2")
@@ -113,11 +113,7 @@ def to_markdown(rep: dict) -> str:
         lines.append(f"\nBaseline: always predicts {v['baseline']['predicts']:.4g} (the training split's mean).")
     else:
         lines.append(f"\nBaseline: always predicts {v['baseline']['predicts']} (the training split's majority).")
-        cm = v["metrics"]["confusion_matrix"]
-        lines += ["", "Confusion matrix (rows: true, columns: predicted)", "", "| | " + " | ".join(cm["labels"]) + " |",
-                  "|---" * (len(cm["labels"]) + 1) + "|"]
-        for lab, row in zip(cm["labels"], cm["matrix"]):
-            lines.append(f"| **{lab}** | " + " | ".join(str(x) for x in row) + " |")
+        lines += confusion_matrix_markdown(v["metrics"]["confusion_matrix"])
     lines += ["", "## Outputs", "", f"- model package: `{rep['package']}`",
               f"- Caffe: `{rep['caffe']['prototxt']}`, `{rep['caffe']['caffemodel']}`"]
     if rep.get("plots"):

@@ -64,11 +64,7 @@ def to_markdown(rep: dict) -> str:
         lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for c, m in te["metrics"]["per_class"].items():
             lines.append(f"| {c} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
-        cm = te["metrics"]["confusion_matrix"]
-        lines += ["", "Confusion matrix (rows: true, columns: predicted)", "", "| | " + " | ".join(cm["labels"]) + " |",
-                  "|---" * (len(cm["labels"]) + 1) + "|"]
-        for lab, row in zip(cm["labels"], cm["matrix"]):
-            lines.append(f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |")
+        lines += confusion_matrix_markdown(te["metrics"]["confusion_matrix"])
     if rep.get("learning_curve"):
         lc = rep["learning_curve"]
         cols = [k for k in lc[0] if k != "n_train"]
@@ -80,6 +76,15 @@ def to_markdown(rep: dict) -> str:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in rep["plots"]]
     lines += ["", f"graft {rep.get('versions', {}).get('graft', '')}; seed {rep.get('seed')}.", ""]
     return "\n".join(lines)
+
+
+def confusion_matrix_markdown(cm: dict) -> list[str]:
+    """Markdown lines of a ``{"labels", "matrix"}`` confusion matrix (rows true, columns predicted)."""
+    lines = ["", "Confusion matrix (rows: true, columns: predicted)", "", "| | " + " | ".join(cm["labels"]) + " |",
+             "|---" * (len(cm["labels"]) + 1) + "|"]
+    for lab, row in zip(cm["labels"], cm["matrix"]):
+        lines.append(f"| **{lab}** | " + " | ".join(str(v) for v in row) + " |")
+    return lines
 
 
 def plot_confusion_matrix(path: Path, matrix, labels: list, title: str) -> None:
