@@ -133,10 +133,24 @@ def write_caffemodel(
     return out
 
 
-def generate_caffemodel(prototxt: str | Path, out: str | Path, layout: str = "V2", seed: int = 0) -> Path:
-    """Write ``out`` (atomically) with random weights shaped as ``prototxt`` requires."""
+def generate_caffemodel(
+    prototxt: str | Path,
+    out: str | Path,
+    layout: str = "V2",
+    seed: int = 0,
+    input_size: Sequence[int] | None = None,
+) -> Path:
+    """Write ``out`` (atomically) with random weights shaped as ``prototxt`` requires.
+
+    ``input_size`` (H, W) replaces the declared spatial size of the (first) input, as
+    ``convert --input-size`` does: a VGG-class net at 32x32 has a small fc6, for quick tests.
+    """
     spec = load_net_spec(prototxt)
-    graph = build_graph(spec, None)
+    shapes = None
+    if input_size:
+        name, declared = next(iter(spec.inputs.items()))
+        shapes = {name: list(declared[:2]) + [int(d) for d in input_size]}
+    graph = build_graph(spec, None, input_shapes=shapes)
     rng = np.random.default_rng(seed)
 
     def layers():
@@ -153,8 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out")
     p.add_argument("--layout", default="V2", choices=["V1", "V2"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-size", default=None, help="H[,W]: generate for this input size instead of the declared one")
     a = p.parse_args(argv)
-    path = generate_caffemodel(a.prototxt, a.out, a.layout, a.seed)
+    from .preprocess import parse_size
+
+    path = generate_caffemodel(a.prototxt, a.out, a.layout, a.seed, parse_size(a.input_size, "--input-size"))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
