@@ -28,6 +28,17 @@ class Converter:
     #: computes nothing (Dropout, Split): emitted as identities
     identity: bool = False
 
+    def keeps_batch(self, node: Node) -> bool:
+        """Whether axis 0 of every output is the input's batch axis. False for outputs that do
+        not grow with the batch: PriorBox's constant boxes, DetectionOutput's [1, 1, N, 7],
+        a Reduction over axis 0, a Parameter blob."""
+        return True
+
+    def dynamic_axes(self, node: Node) -> dict[int, dict[int, str]]:
+        """Output index -> {axis: symbolic name} for sizes that depend on the data, not the
+        shapes (the number of detections); ``infer`` reports an upper bound for them."""
+        return {}
+
     def infer(self, node: Node, shapes: list[Shape]) -> list[Shape]:
         """Output shapes; by default one output shaped like the first input."""
         return [shapes[0]] * max(1, len(node.outputs))
