@@ -24,8 +24,8 @@ from .parse import load_net_spec
 
 # V1LayerParameter.LayerType numbers, by V2 type string
 V1_ENUM = {
-    "AbsVal": 35, "BNLL": 2, "Concat": 3, "Convolution": 4, "Deconvolution": 39, "Dropout": 6, "Eltwise": 25,
-    "Exp": 38, "Flatten": 8, "InnerProduct": 14, "LRN": 15, "Pooling": 17, "Power": 26, "ReLU": 18,
+    "AbsVal": 35, "ArgMax": 30, "BNLL": 2, "Concat": 3, "Convolution": 4, "Deconvolution": 39, "Dropout": 6, "Eltwise": 25,
+    "Exp": 38, "Flatten": 8, "InnerProduct": 14, "LRN": 15, "MVN": 34, "Pooling": 17, "Power": 26, "ReLU": 18,
     "Sigmoid": 19, "Softmax": 20, "Split": 22, "Slice": 33, "TanH": 23, "Threshold": 31,
 }
 

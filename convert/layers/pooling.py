@@ -29,6 +29,7 @@ def out_size(size: int, k: int, p: int, s: int, ceil: bool = True) -> int:
 
 
 def geometry(node, shape) -> dict:
+    """The window geometry of a Pooling layer on a 4-D ``shape``."""
     p = node.param("pooling_param")
     name = node.name
     _, _, h, w = shape
@@ -39,18 +40,23 @@ def geometry(node, shape) -> dict:
                     p.HasField("kernel_h"), None, "kernel_size", name)
         pad = (p.pad_h, p.pad_w) if (p.HasField("pad_h") or p.HasField("pad_w")) else (p.pad, p.pad)
         stride = (p.stride_h, p.stride_w) if (p.HasField("stride_h") or p.HasField("stride_w")) else (p.stride, p.stride)
+    if p.pool == 2:
+        raise GraftError(f"layer '{name}': STOCHASTIC pooling is not supported")
+    return window_geometry(kernel, pad, stride, (h, w), p.pool == 0, p.round_mode == 0, name,
+                           global_=bool(p.global_pooling))
+
+
+def window_geometry(kernel, pad, stride, size: tuple[int, int], is_max: bool, ceil: bool, name: str,
+                    global_: bool = False) -> dict:
+    """Output size and explicit padding of Caffe's pooling windows (also SPP's levels)."""
     kernel, pad, stride = tuple(map(int, kernel)), tuple(map(int, pad)), tuple(map(int, stride))
     if any(pp >= k for pp, k in zip(pad, kernel)):
         raise GraftError(f"layer '{name}': pad {pad} must be smaller than kernel {kernel}")
-    method = p.pool
-    if method == 2:
-        raise GraftError(f"layer '{name}': STOCHASTIC pooling is not supported")
-    ceil = p.round_mode == 0
-    out = tuple(out_size(sz, k, pp, s, ceil) for sz, k, pp, s in zip((h, w), kernel, pad, stride))
+    out = tuple(out_size(sz, k, pp, s, ceil) for sz, k, pp, s in zip(size, kernel, pad, stride))
     # explicit padding after the image so that a plain floor-mode pool yields exactly `out`
-    extra = tuple(max(0, (o - 1) * s + k - sz - pp) for o, s, k, sz, pp in zip(out, stride, kernel, (h, w), pad))
-    return dict(kernel=kernel, pad=pad, stride=stride, out=out, extra=extra, max=method == 0,
-                global_=bool(p.global_pooling), size=(h, w))
+    extra = tuple(max(0, (o - 1) * s + k - sz - pp) for o, s, k, sz, pp in zip(out, stride, kernel, size, pad))
+    return dict(kernel=kernel, pad=pad, stride=stride, out=out, extra=extra, max=is_max,
+                global_=global_, size=tuple(size))
 
 
 def ave_scale(g) -> np.ndarray | None:
@@ -72,10 +78,11 @@ def _pads(g) -> tuple[int, int, int, int]:
     return pt, pl, eb, er
 
 
-class _Pool(nn.Module):
-    def __init__(self, node):
+class Pool(nn.Module):
+    """Caffe pooling of one window geometry (``geometry`` / ``window_geometry``)."""
+
+    def __init__(self, g: dict):
         super().__init__()
-        g = geometry(node, node.in_shapes[0])
         self.g = g
         self.is_max = g["max"]
         pt, pl, eb, er = _pads(g)
@@ -97,6 +104,28 @@ class _Pool(nn.Module):
         return f"{'MAX' if g['max'] else 'AVE'} kernel={g['kernel']} stride={g['stride']} pad={g['pad']}"
 
 
+def pool_onnx(b, x: str, g: dict, out: str, name: str) -> None:
+    """Emit one Caffe pooling of geometry ``g`` from ``x`` into ``out``; the last node is ``name``."""
+    if g["global_"]:
+        b.add("GlobalMaxPool" if g["max"] else "GlobalAveragePool", [x], [out], name=name)
+        return
+    pt, pl, eb, er = _pads(g)
+    if any((pt, pl, eb, er)):
+        pads = b.const(f"{name}/pads", [0, 0, pt, pl, 0, 0, eb, er], dtype="int64")
+        fill = b.const(f"{name}/fill", -np.inf if g["max"] else 0.0)
+        x = b.op("Pad", [x, pads, fill], f"{name}/padded", mode="constant")
+    attrs = dict(kernel_shape=list(g["kernel"]), strides=list(g["stride"]))
+    if g["max"]:
+        b.add("MaxPool", [x], [out], name=name, **attrs)
+        return
+    scale = ave_scale(g)
+    if scale is None:
+        b.add("AveragePool", [x], [out], name=name, **attrs)
+        return
+    y = b.op("AveragePool", [x], f"{name}/avg", **attrs)
+    b.add("Mul", [y, b.const(f"{name}/divisor_scale", scale)], [out], name=name)
+
+
 @register
 class Pooling(Converter):
     types = ("Pooling",)
@@ -109,27 +138,8 @@ class Pooling(Converter):
         return [(n, c, *g["out"])]
 
     def onnx(self, node, b):
-        g = geometry(node, node.in_shapes[0])
-        x = node.inputs[0]
-        if g["global_"]:
-            b.add("GlobalMaxPool" if g["max"] else "GlobalAveragePool", [x], node.outputs, name=node.name)
-            return
-        pt, pl, eb, er = _pads(g)
-        if any((pt, pl, eb, er)):
-            pads = b.const(f"{node.name}/pads", [0, 0, pt, pl, 0, 0, eb, er], dtype="int64")
-            fill = b.const(f"{node.name}/fill", -np.inf if g["max"] else 0.0)
-            x = b.op("Pad", [x, pads, fill], f"{node.name}/padded", mode="constant")
-        attrs = dict(kernel_shape=list(g["kernel"]), strides=list(g["stride"]))
-        if g["max"]:
-            b.add("MaxPool", [x], node.outputs, name=node.name, **attrs)
-            return
-        scale = ave_scale(g)
-        if scale is None:
-            b.add("AveragePool", [x], node.outputs, name=node.name, **attrs)
-            return
-        y = b.op("AveragePool", [x], f"{node.name}/avg", **attrs)
-        b.add("Mul", [y, b.const(f"{node.name}/divisor_scale", scale)], node.outputs, name=node.name)
+        pool_onnx(b, node.inputs[0], geometry(node, node.in_shapes[0]), node.outputs[0], node.name)
 
     def torch(self, node):
-        return _Pool(node)
+        return Pool(geometry(node, node.in_shapes[0]))
 

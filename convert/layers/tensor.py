@@ -74,45 +74,67 @@ class Dropout(Identity):
         return _Dropout(float(node.param("dropout_param").dropout_ratio))
 
 
+_PROD, _SUM, _MAX = 0, 1, 2
+_ELTWISE_OPS = {_PROD: "PROD", _SUM: "SUM", _MAX: "MAX"}
+
+
 @register
 class Eltwise(Converter):
-    """SUM (optional per-input coeff), PROD, MAX."""
+    """SUM (optional per-input ``coeff``), PROD, MAX over one or more bottoms of one shape.
+
+    A single bottom is a copy (times its coeff for SUM); BVLC Caffe asks for two bottoms,
+    the forks that allow one compute exactly this. ``stable_prod_grad`` only concerns training.
+    """
 
     types = ("Eltwise",)
 
     def infer(self, node, shapes):
         if any(s != shapes[0] for s in shapes):
             raise GraftError(f"layer '{node.name}': Eltwise inputs differ in shape: {shapes}")
+        self._op(node)
         return [shapes[0]]
 
-    def _op(self, node):
+    def _op(self, node) -> tuple[int, list[float]]:
+        """(operation, one coeff per bottom: all 1 unless SUM's are given), checked as Caffe does."""
         p = node.param("eltwise_param")
-        coeffs = list(p.coeff)
-        if coeffs and len(coeffs) != len(node.inputs):
-            raise GraftError(f"layer '{node.name}': {len(coeffs)} coeffs for {len(node.inputs)} bottoms")
-        return int(p.operation), coeffs
+        op, coeffs = int(p.operation), [float(c) for c in p.coeff]
+        if op not in _ELTWISE_OPS:
+            raise GraftError(f"layer '{node.name}': unknown Eltwise operation {op}")
+        n = len(node.spec.bottoms)  # node.inputs is filled in after shape inference
+        if coeffs and len(coeffs) != n:
+            raise GraftError(f"layer '{node.name}': {len(coeffs)} coeffs for {n} bottoms")
+        if coeffs and op != _SUM:
+            raise GraftError(f"layer '{node.name}': Eltwise {_ELTWISE_OPS[op]} takes no coeff "
+                             "(coefficients are only for SUM)")
+        return op, coeffs or [1.0] * n
 
     def onnx(self, node, b):
         op, coeffs = self._op(node)
         ins = list(node.inputs)
-        if op == 1 and coeffs and any(c != 1.0 for c in coeffs):
+        if len(ins) == 1:
+            if coeffs[0] == 1.0:
+                b.add("Identity", ins, node.outputs, name=node.name)
+            else:
+                b.add("Mul", [ins[0], b.const(f"{node.name}/coeff0", coeffs[0])], node.outputs, name=node.name)
+            return
+        if op == _SUM:
             ins = [x if c == 1.0 else b.op("Mul", [x, b.const(f"{node.name}/coeff{i}", c)], f"{node.name}/term{i}")
                    for i, (x, c) in enumerate(zip(ins, coeffs))]
-        if op in (1, 2):
-            b.add("Sum" if op == 1 else "Max", ins, node.outputs, name=node.name)
+        if op in (_SUM, _MAX):
+            b.add("Sum" if op == _SUM else "Max", ins, node.outputs, name=node.name)
             return
-        acc = ins[0]  # PROD: a chain of Mul
+        acc = ins[0]  # PROD: a chain of Mul, in Caffe's order
         for i, x in enumerate(ins[1:]):
-            outs = node.outputs if i == len(ins) - 2 else [b.unique(f"{node.name}/prod{i}")]
-            b.add("Mul", [acc, x], outs, name=node.name if i == len(ins) - 2 else outs[0])
+            last = i == len(ins) - 2
+            outs = node.outputs if last else [b.unique(f"{node.name}/prod{i}")]
+            b.add("Mul", [acc, x], outs, name=node.name if last else outs[0])
             acc = outs[0]
 
     def torch(self, node):
         op, coeffs = self._op(node)
-        if op == 1:
-            cs = coeffs or [1.0] * len(node.inputs)
-            return Lambda(lambda *xs: sum(c * x if c != 1.0 else x for c, x in zip(cs, xs)), f"SUM coeff={cs}")
-        if op == 0:
+        if op == _SUM:
+            return Lambda(lambda *xs: sum(c * x if c != 1.0 else x for c, x in zip(coeffs, xs)), f"SUM coeff={coeffs}")
+        if op == _PROD:
             return Lambda(lambda *xs: math.prod(xs[1:], start=xs[0]), "PROD")
         return Lambda(lambda *xs: torch.stack(xs).amax(0), "MAX")
 
