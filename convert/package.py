@@ -290,7 +290,7 @@ def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, sha
         "name": name,
         "weights_sha256": weights_sha,
         "source": {"prototxt": psrc, "caffemodel": {"path": str(caffemodel), "sha256": caffemodel_sha,
-                                                    "generation": model.generation}},
+                                                    "generation": model.generation, **model.precision()}},
         "input": {"name": next(iter(graph.inputs)), "shape": dims(shape)},
         "outputs": graph.outputs,
         "preprocess": preprocess,
@@ -310,7 +310,7 @@ def format_summary(m: dict) -> str:
     p = src["prototxt"]
     lines.append(f"  prototxt   {p.get('path') or 'preset ' + p.get('preset', '')}  [{p['generation']}]  sha256 {p['sha256'][:16]}")
     c = src["caffemodel"]
-    lines.append(f"  caffemodel {c['path']}  [{c['generation']}]  sha256 {c['sha256'][:16]}")
+    lines.append(f"  caffemodel {c['path']}  [{c['generation']}]  sha256 {c['sha256'][:16]}{_fmt_precision(c)}")
     lines.append(f"  weights    sha256 {m['weights_sha256'][:16]}  {m['params']['total']:,} parameters")
     lines.append(f"  input      {m['input']['name']} {_fmt_shape(m['input']['shape'])}")
     pre = m.get("preprocess")
@@ -335,6 +335,16 @@ def format_summary(m: dict) -> str:
         lines.append(f"  verification: {'passed' if v['passed'] else 'FAILED'} ({len(v['blobs'])} blobs, {v['reference']}; "
                      f"worst max abs {worst['max_abs']:.3g}, rel {worst['max_rel']:.3g}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g}·max|ref|)")
     return "\n".join(lines)
+
+
+def _fmt_precision(c: dict) -> str:
+    """How the caffemodel stored its weights ('' in manifests from before it was recorded)."""
+    if "precision" not in c:
+        return ""
+    if c["precision"] == "float32":
+        return "  float32"
+    counts = " + ".join(f"{n} {k}" for k, n in (c.get("blob_precisions") or {}).items())
+    return f"  {c['precision']} ({counts} blobs, widened to float32)"
 
 
 def _fmt_shape(shape) -> str:
