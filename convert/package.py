@@ -264,7 +264,10 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, shape, preprocess, classes, report, weights_sha,
               caffemodel_sha) -> dict:
     from . import __version__
+    from .parse import unknown_field_notes
 
+    # the prototxt's fields graft does not know (warned about on stderr when it was read)
+    unknown = unknown_field_notes(prototxt_text if prototxt_text is not None else Path(prototxt).read_text("utf-8", "replace"))
     batch_dynamic = shape[0] == 1
 
     def dims(s):
@@ -298,7 +301,7 @@ def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, sha
         "layers": layers,
         "params": {"total": graph.param_count},
         "classes": classes,
-        "notes": spec.notes,
+        "notes": unknown + spec.notes,
         "verification": report,
     }
 
@@ -334,6 +337,7 @@ def format_summary(m: dict) -> str:
         worst = max(v["blobs"].values(), key=lambda s: s["max_rel"]) if v.get("blobs") else {"max_abs": 0, "max_rel": 0}
         lines.append(f"  verification: {'passed' if v['passed'] else 'FAILED'} ({len(v['blobs'])} blobs, {v['reference']}; "
                      f"worst max abs {worst['max_abs']:.3g}, rel {worst['max_rel']:.3g}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g}·max|ref|)")
+    lines += [f"  note: {note}" for note in m.get("notes") or []]
     return "\n".join(lines)
 
 
