@@ -264,7 +264,10 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, shape, preprocess, classes, report, weights_sha,
               caffemodel_sha) -> dict:
     from . import __version__
+    from .parse import unknown_field_notes
 
+    # the prototxt's fields graft does not know (warned about on stderr when it was read)
+    unknown = unknown_field_notes(prototxt_text if prototxt_text is not None else Path(prototxt).read_text("utf-8", "replace"))
     batch_dynamic = shape[0] == 1
 
     def dims(s):
@@ -290,7 +293,7 @@ def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, sha
         "name": name,
         "weights_sha256": weights_sha,
         "source": {"prototxt": psrc, "caffemodel": {"path": str(caffemodel), "sha256": caffemodel_sha,
-                                                    "generation": model.generation}},
+                                                    "generation": model.generation, **model.precision()}},
         "input": {"name": next(iter(graph.inputs)), "shape": dims(shape)},
         "outputs": graph.outputs,
         "preprocess": preprocess,
@@ -298,7 +301,7 @@ def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, sha
         "layers": layers,
         "params": {"total": graph.param_count},
         "classes": classes,
-        "notes": spec.notes,
+        "notes": unknown + spec.notes,
         "verification": report,
     }
 
@@ -310,7 +313,7 @@ def format_summary(m: dict) -> str:
     p = src["prototxt"]
     lines.append(f"  prototxt   {p.get('path') or 'preset ' + p.get('preset', '')}  [{p['generation']}]  sha256 {p['sha256'][:16]}")
     c = src["caffemodel"]
-    lines.append(f"  caffemodel {c['path']}  [{c['generation']}]  sha256 {c['sha256'][:16]}")
+    lines.append(f"  caffemodel {c['path']}  [{c['generation']}]  sha256 {c['sha256'][:16]}{_fmt_precision(c)}")
     lines.append(f"  weights    sha256 {m['weights_sha256'][:16]}  {m['params']['total']:,} parameters")
     lines.append(f"  input      {m['input']['name']} {_fmt_shape(m['input']['shape'])}")
     pre = m.get("preprocess")
@@ -334,7 +337,18 @@ def format_summary(m: dict) -> str:
         worst = max(v["blobs"].values(), key=lambda s: s["max_rel"]) if v.get("blobs") else {"max_abs": 0, "max_rel": 0}
         lines.append(f"  verification: {'passed' if v['passed'] else 'FAILED'} ({len(v['blobs'])} blobs, {v['reference']}; "
                      f"worst max abs {worst['max_abs']:.3g}, rel {worst['max_rel']:.3g}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g}·max|ref|)")
+    lines += [f"  note: {note}" for note in m.get("notes") or []]
     return "\n".join(lines)
+
+
+def _fmt_precision(c: dict) -> str:
+    """How the caffemodel stored its weights ('' in manifests from before it was recorded)."""
+    if "precision" not in c:
+        return ""
+    if c["precision"] == "float32":
+        return "  float32"
+    counts = " + ".join(f"{n} {k}" for k, n in (c.get("blob_precisions") or {}).items())
+    return f"  {c['precision']} ({counts} blobs, widened to float32)"
 
 
 def _fmt_shape(shape) -> str:

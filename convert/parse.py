@@ -7,12 +7,14 @@ become the same spec; a layer's parameters stay in the protobuf message, whose
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
 
+from . import prototxt_fields
 from .errors import GraftError
 from .proto import pb
 
@@ -66,10 +68,13 @@ class NetSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def read_text_message(path: str | Path, message: Any, label: str = "", expected: str = "a .prototxt file") -> str:
+def read_text_message(path: str | Path, message: Any, label: str = "", expected: str = "a .prototxt file",
+                      notes: list[str] | None = None) -> str:
     """Parse a text-format file into ``message`` (NetParameter, SolverParameter, ...); returns the text.
 
     A missing file or a syntax error is a GraftError naming ``label`` + the file (and the line).
+    Fields the schema does not know are ignored; when ``notes`` is given, each is named there
+    once (``layer 'pool1' (Pooling): unknown field 'pooling_param.foo' ignored``).
     """
     path = Path(path)
     where = f"{label}{path}"
@@ -83,14 +88,42 @@ def read_text_message(path: str | Path, message: Any, label: str = "", expected:
         text_format.Parse(text, message, allow_unknown_field=True)
     except text_format.ParseError as err:
         raise GraftError(f"{where}: prototxt syntax error at line {str(err).split(':')[0]}: {_after_location(err)}") from None
+    if notes is not None:
+        notes.extend(unknown_field_notes(text, message.DESCRIPTOR))
     return text
 
 
-def read_prototxt(path: str | Path) -> Any:
-    """Parse a prototxt into a NetParameter; a syntax error names the file and line."""
+def read_prototxt(path: str | Path, notes: list[str] | None = None) -> Any:
+    """Parse a prototxt into a NetParameter; a syntax error names the file and line.
+
+    Each field the schema does not know (a fork's) is one ``warning: <file>: ...`` line on
+    stderr, once per process, and is appended to ``notes`` when given.
+    """
     net = pb.NetParameter()
-    read_text_message(path, net)
+    found: list[str] = []
+    read_text_message(path, net, notes=found)
+    for note in found:
+        _warn_once(f"warning: {path}: {note}")
+    if notes is not None:
+        notes.extend(found)
     return net
+
+
+def unknown_field_notes(text: str, descriptor: Any = None) -> list[str]:
+    """The fields of a prototxt's text that graft's schema lacks, one note each (NetParameter
+    unless ``descriptor`` says otherwise); training-only layers are not reported."""
+    found = prototxt_fields.unknown_fields(text, descriptor or pb.NetParameter.DESCRIPTOR)
+    return prototxt_fields.notes(found, V1_TYPES, TRAINING_ONLY)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(line: str) -> None:
+    """One stderr line per distinct warning per process (a file parsed twice warns once)."""
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr)
 
 
 def _after_location(err: Exception) -> str:

@@ -1,6 +1,7 @@
 """Pooling with Caffe's exact rules (caffe-semantics.md, "Pooling").
 
-Caffe rounds the output size up, drops a last window that would start in the padding, clips
+Caffe rounds the output size up (unless ``round_mode: FLOOR`` or the forks' ``ceil_mode: false``
+says down), drops a last window that would start in the padding, clips
 MAX windows to the image, and divides AVE sums by the window size counted *before* clipping
 to the image but *after* clipping to the padded extent. Rather than trusting each runtime's
 ``ceil_mode``/``count_include_pad`` corner cases, both emitters pad explicitly to exactly the
@@ -28,6 +29,24 @@ def out_size(size: int, k: int, p: int, s: int, ceil: bool = True) -> int:
     return int(o)
 
 
+def rounds_up(p, name: str) -> bool:
+    """Whether the output size rounds up (Caffe's default) or down.
+
+    Two spellings of one switch: BVLC's ``round_mode: CEIL|FLOOR`` and the forks' older
+    ``ceil_mode: true|false`` (BVLC PR #3057, kept by OpenCV's caffe.proto and caffe-ssd
+    derivatives). Either may be given, or both if they agree. The window rules are the same in
+    both modes (the last-window-in-padding check never fires when rounding down).
+    """
+    votes = {}
+    if p.HasField("round_mode"):
+        votes["round_mode " + ("CEIL" if p.round_mode == 0 else "FLOOR")] = p.round_mode == 0
+    if p.HasField("ceil_mode"):
+        votes[f"ceil_mode {str(p.ceil_mode).lower()}"] = bool(p.ceil_mode)
+    if len(set(votes.values())) > 1:
+        raise GraftError(f"layer '{name}': {' and '.join(votes)} disagree; give one")
+    return next(iter(votes.values()), True)
+
+
 def geometry(node, shape) -> dict:
     """The window geometry of a Pooling layer on a 4-D ``shape``."""
     p = node.param("pooling_param")
@@ -42,7 +61,7 @@ def geometry(node, shape) -> dict:
         stride = (p.stride_h, p.stride_w) if (p.HasField("stride_h") or p.HasField("stride_w")) else (p.stride, p.stride)
     if p.pool == 2:
         raise GraftError(f"layer '{name}': STOCHASTIC pooling is not supported")
-    return window_geometry(kernel, pad, stride, (h, w), p.pool == 0, p.round_mode == 0, name,
+    return window_geometry(kernel, pad, stride, (h, w), p.pool == 0, rounds_up(p, name), name,
                            global_=bool(p.global_pooling))
 
 
