@@ -479,3 +479,74 @@ def test_zoo_mobilenet_yolov3_lite_real_weights_match_opencv(tmp_path):
     renamed = tmp_path / "opencv.prototxt"
     renamed.write_text(_rename_types(proto.read_text(), {"DepthwiseConvolution": "Convolution"}))
     assert _compare_with_opencv(pkg, renamed, weights, _face_512(), "tusimple") > 60
+
+
+def _bn_as_batchnorm_scale(proto: Path, weights: Path, out_dir: Path) -> tuple[Path, Path, dict[str, str]]:
+    """An exact standard copy of a PSPNet-style net for OpenCV, which cannot parse the fork's
+    ``bn_param``: each BN becomes BatchNorm (mean, variance, factor 1, same eps) + Scale (slope,
+    bias). Returns the prototxt, the caffemodel and {BN layer: the Scale that ends it}."""
+    from google.protobuf import text_format
+
+    from convert.generate import write_caffemodel
+    from convert.parse import read_prototxt
+    from convert.proto import pb
+    from convert.weights import read_caffemodel
+
+    net = read_prototxt(proto)
+    blobs = {n: lw.blobs for n, lw in read_caffemodel(weights).layers.items()}
+    out = pb.NetParameter()
+    out.CopyFrom(net)
+    del out.layer[:]
+    ends, layers = {}, []
+    for layer in net.layer:
+        if layer.type != "BN":
+            out.layer.add().CopyFrom(layer)
+            layers.append((layer.name, layer.type, blobs.get(layer.name, [])))
+            continue
+        slope, bias, mean, var = (b.reshape(-1) for b in blobs[layer.name])
+        bn = out.layer.add(name=layer.name, type="BatchNorm", bottom=layer.bottom, top=layer.top)
+        bn.batch_norm_param.use_global_stats = True
+        bn.batch_norm_param.eps = layer.bn_param.eps
+        scale = out.layer.add(name=f"{layer.name}/scale", type="Scale", bottom=layer.top, top=layer.top)
+        scale.scale_param.bias_term = True
+        layers += [(bn.name, "BatchNorm", [mean, var, np.ones(1, np.float32)]), (scale.name, "Scale", [slope, bias])]
+        ends[layer.name] = scale.name
+    std_proto = out_dir / "standard.prototxt"
+    std_proto.write_text(text_format.MessageToString(out))
+    return std_proto, write_caffemodel(out_dir / "standard.caffemodel", layers), ends
+
+
+@needs_testbed
+@pytest.mark.slow
+def test_zoo_pspnet50_matches_opencv_on_a_standard_copy(tmp_path):
+    """PSPNet-50 at its real 473x473 (only 471..478 keep conv5_3 at the 60x60 that its
+    explicit Interp sizes and the Concat need), generated weights. OpenCV runs an exact copy
+    with BN written as BatchNorm + Scale; compared: every BN, Interp, Pooling, Concat and
+    Eltwise output (the net output is the last Interp)."""
+    from convert import load_torch
+
+    proto = ZOO / "pspnet50_ade20k" / "deploy.prototxt"
+    _, weights, pkg = _convert_generated(tmp_path, proto)
+    assert pkg.manifest["verification"]["passed"]
+    assert pkg.blobs["conv6_interp"]["shape"] == [None, 150, 473, 473]
+    std_proto, std_weights, ends = _bn_as_batchnorm_scale(proto, weights, tmp_path)
+    net = opencv_net(std_proto, std_weights)
+    assert net is not None
+    last = pkg.manifest["layers"][-1]
+    assert last["name"] == "conv6_interp"
+    layers = [li for li in pkg.manifest["layers"] if li["type"] in ("BN", "Interp", "Pooling", "Concat", "Eltwise")]
+    names = [li["name"] for li in layers]
+    values = [li["tops"][0] for li in layers]
+    assert sum(li["type"] == "BN" for li in layers) == 60 and sum(li["type"] == "Interp" for li in layers) == 5
+    x = _random_input(pkg)
+    net.setInput(x)
+    ref = dict(zip(names, net.forward([ends.get(n, n) for n in names])))
+    del net
+    for runtime in ("onnx", "torch"):
+        if runtime == "onnx":
+            ours = run_ort(pkg.onnx_path_for(values), {pkg.input_name: x}, values)
+        else:
+            ours = run_torch(load_torch(pkg), x, values)
+        for n, v in zip(names, values):
+            assert_close(as_shape(ref[n], ours[v].shape), ours[v], f"pspnet50: layer {n} -> {v}: {runtime} vs OpenCV")
+        del ours
