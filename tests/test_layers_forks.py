@@ -481,39 +481,110 @@ def test_zoo_mobilenet_yolov3_lite_real_weights_match_opencv(tmp_path):
     assert _compare_with_opencv(pkg, renamed, weights, _face_512(), "tusimple") > 60
 
 
-def _bn_as_batchnorm_scale(proto: Path, weights: Path, out_dir: Path) -> tuple[Path, Path, dict[str, str]]:
-    """An exact standard copy of a PSPNet-style net for OpenCV, which cannot parse the fork's
-    ``bn_param``: each BN becomes BatchNorm (mean, variance, factor 1, same eps) + Scale (slope,
-    bias). Returns the prototxt, the caffemodel and {BN layer: the Scale that ends it}."""
+def _standard_copy(proto: Path, weights: Path, out_dir: Path, rewrite) -> tuple[Path, Path, dict[str, str]]:
+    """A copy of a net for OpenCV in which ``rewrite(layer, blobs, out)`` replaces each layer it
+    knows by exact standard layers (appended to the NetParameter ``out``; it returns their
+    ``(name, type, blobs)`` or None to keep the layer). Returns the prototxt, the caffemodel and
+    {rewritten layer: the standard layer that ends it}."""
     from google.protobuf import text_format
 
     from convert.generate import write_caffemodel
     from convert.parse import read_prototxt
-    from convert.proto import pb
     from convert.weights import read_caffemodel
 
     net = read_prototxt(proto)
     blobs = {n: lw.blobs for n, lw in read_caffemodel(weights).layers.items()}
-    out = pb.NetParameter()
+    out = type(net)()
     out.CopyFrom(net)
     del out.layer[:]
     ends, layers = {}, []
     for layer in net.layer:
-        if layer.type != "BN":
+        done = rewrite(layer, blobs.get(layer.name, []), out)
+        if done is None:
             out.layer.add().CopyFrom(layer)
             layers.append((layer.name, layer.type, blobs.get(layer.name, [])))
-            continue
-        slope, bias, mean, var = (b.reshape(-1) for b in blobs[layer.name])
-        bn = out.layer.add(name=layer.name, type="BatchNorm", bottom=layer.bottom, top=layer.top)
-        bn.batch_norm_param.use_global_stats = True
-        bn.batch_norm_param.eps = layer.bn_param.eps
-        scale = out.layer.add(name=f"{layer.name}/scale", type="Scale", bottom=layer.top, top=layer.top)
-        scale.scale_param.bias_term = True
-        layers += [(bn.name, "BatchNorm", [mean, var, np.ones(1, np.float32)]), (scale.name, "Scale", [slope, bias])]
-        ends[layer.name] = scale.name
+        else:
+            layers += done
+            ends[layer.name] = done[-1][0]
     std_proto = out_dir / "standard.prototxt"
     std_proto.write_text(text_format.MessageToString(out))
     return std_proto, write_caffemodel(out_dir / "standard.caffemodel", layers), ends
+
+
+def _bn_as_batchnorm_scale(layer, blobs, out):
+    """PSPNet's BN = BatchNorm (mean, variance, factor 1, same eps) + Scale (slope, bias)."""
+    if layer.type != "BN":
+        return None
+    slope, bias, mean, var = (b.reshape(-1) for b in blobs)
+    bn = out.layer.add(name=layer.name, type="BatchNorm", bottom=layer.bottom, top=layer.top)
+    bn.batch_norm_param.use_global_stats = True
+    bn.batch_norm_param.eps = layer.bn_param.eps
+    scale = out.layer.add(name=f"{layer.name}/scale", type="Scale", bottom=layer.top, top=layer.top)
+    scale.scale_param.bias_term = True
+    return [(bn.name, "BatchNorm", [mean, var, np.ones(1, np.float32)]), (scale.name, "Scale", [slope, bias])]
+
+
+def _upsample_as_deconvolution(channels: dict[str, int]):
+    """Nearest x s upsampling = a depthwise s x s / stride s Deconvolution of ones, no bias."""
+    def rewrite(layer, blobs, out):
+        if layer.type != "Upsample":
+            return None
+        c, s = channels[layer.name], int(layer.upsample_param.scale)
+        d = out.layer.add(name=layer.name, type="Deconvolution", bottom=layer.bottom, top=layer.top)
+        d.convolution_param.num_output, d.convolution_param.group = c, c
+        d.convolution_param.kernel_size.append(s)
+        d.convolution_param.stride.append(s)
+        d.convolution_param.bias_term = False
+        return [(layer.name, "Deconvolution", [np.ones((c, 1, s, s), np.float32)])]
+    return rewrite
+
+
+def _compare_values(pkg, net, layers: list[dict], ends: dict[str, str], x: np.ndarray, what: str) -> None:
+    """The named layers' outputs, ONNX then torch (one at a time: big blobs), against OpenCV."""
+    from convert import load_torch
+
+    names = [li["name"] for li in layers]
+    values = [li["tops"][0] for li in layers]
+    net.setInput(x)
+    ref = dict(zip(names, net.forward([ends.get(n, n) for n in names])))
+    for runtime in ("onnx", "torch"):
+        if runtime == "onnx":
+            ours = run_ort(pkg.onnx_path_for(values), {pkg.input_name: x}, values)
+        else:
+            ours = run_torch(load_torch(pkg), x, values)
+        for n, v in zip(names, values):
+            assert_close(as_shape(ref[n], ours[v].shape), ours[v], f"{what}: layer {n} -> {v}: {runtime} vs OpenCV")
+        del ours
+
+
+@needs_testbed
+@pytest.mark.slow
+def test_zoo_yolov3_darknet2caffe_matches_opencv(tmp_path):
+    """darknet2caffe YOLOv3 with its two Upsample layers, without the custom
+    Yolov3DetectionOutput head, at 160x160 (any multiple of 32 keeps the route Concats valid),
+    generated weights; OpenCV runs an exact copy with each Upsample as a Deconvolution of ones.
+    Every layer output is compared."""
+    from google.protobuf import text_format
+
+    from convert.parse import read_prototxt
+
+    net = read_prototxt(ZOO / "yolov3_darknet2caffe" / "deploy.prototxt")
+    keep = [layer for layer in net.layer if layer.type != "Yolov3DetectionOutput"]
+    assert len(keep) == len(net.layer) - 1
+    del net.layer[:]
+    net.layer.extend(keep)
+    proto = tmp_path / "yolov3_darknet2caffe" / "deploy.prototxt"
+    proto.parent.mkdir()
+    proto.write_text(text_format.MessageToString(net))
+    _, weights, pkg = _convert_generated(tmp_path, proto, input_size=(160, 160))
+    assert pkg.manifest["verification"]["passed"]
+    assert pkg.blobs["layer86-upsample"]["shape"][1:] == [256, 10, 10]
+    channels = {li["name"]: pkg.blobs[li["tops"][0]]["shape"][1] for li in pkg.manifest["layers"] if li["type"] == "Upsample"}
+    std_proto, std_weights, ends = _standard_copy(proto, weights, tmp_path, _upsample_as_deconvolution(channels))
+    cv = opencv_net(std_proto, std_weights)
+    assert cv is not None
+    x = _random_input(pkg)
+    _compare_values(pkg, cv, [li for li in pkg.manifest["layers"] if li["type"] != "Split"], ends, x, "yolov3")
 
 
 @needs_testbed
@@ -523,30 +594,15 @@ def test_zoo_pspnet50_matches_opencv_on_a_standard_copy(tmp_path):
     explicit Interp sizes and the Concat need), generated weights. OpenCV runs an exact copy
     with BN written as BatchNorm + Scale; compared: every BN, Interp, Pooling, Concat and
     Eltwise output (the net output is the last Interp)."""
-    from convert import load_torch
-
     proto = ZOO / "pspnet50_ade20k" / "deploy.prototxt"
     _, weights, pkg = _convert_generated(tmp_path, proto)
     assert pkg.manifest["verification"]["passed"]
     assert pkg.blobs["conv6_interp"]["shape"] == [None, 150, 473, 473]
-    std_proto, std_weights, ends = _bn_as_batchnorm_scale(proto, weights, tmp_path)
+    std_proto, std_weights, ends = _standard_copy(proto, weights, tmp_path, _bn_as_batchnorm_scale)
     net = opencv_net(std_proto, std_weights)
     assert net is not None
     last = pkg.manifest["layers"][-1]
     assert last["name"] == "conv6_interp"
     layers = [li for li in pkg.manifest["layers"] if li["type"] in ("BN", "Interp", "Pooling", "Concat", "Eltwise")]
-    names = [li["name"] for li in layers]
-    values = [li["tops"][0] for li in layers]
     assert sum(li["type"] == "BN" for li in layers) == 60 and sum(li["type"] == "Interp" for li in layers) == 5
-    x = _random_input(pkg)
-    net.setInput(x)
-    ref = dict(zip(names, net.forward([ends.get(n, n) for n in names])))
-    del net
-    for runtime in ("onnx", "torch"):
-        if runtime == "onnx":
-            ours = run_ort(pkg.onnx_path_for(values), {pkg.input_name: x}, values)
-        else:
-            ours = run_torch(load_torch(pkg), x, values)
-        for n, v in zip(names, values):
-            assert_close(as_shape(ref[n], ours[v].shape), ours[v], f"pspnet50: layer {n} -> {v}: {runtime} vs OpenCV")
-        del ours
+    _compare_values(pkg, net, layers, ends, _random_input(pkg), "pspnet50")
