@@ -63,19 +63,6 @@ class _Nearest(nn.Module):
         return f"nearest scale={self.scale} out={self.out}"
 
 
-def _crop_tail(b, x: str, rank: int, out: tuple[int, int], full: tuple[int, int], hint: str, outputs=None, name=None):
-    """Slice the last two axes to ``out`` (from 0) when ``full`` is larger; else pass through."""
-    if out == full:
-        return x
-    starts = b.const(f"{hint}/starts", [0, 0], dtype="int64")
-    ends = b.const(f"{hint}/ends", list(out), dtype="int64")
-    axes = b.const(f"{hint}/axes", [rank - 2, rank - 1], dtype="int64")
-    if outputs is not None:
-        b.add("Slice", [x, starts, ends, axes], outputs, name=name)
-        return outputs[0]
-    return b.op("Slice", [x, starts, ends, axes], f"{hint}/cropped")
-
-
 @register
 class Upsample(Converter):
     """Nearest-neighbour upsampling by integer factors; SegNet's two-bottom (mask) form is
@@ -93,14 +80,16 @@ class Upsample(Converter):
         shape = node.in_shapes[0]
         rank = len(shape)
         scale, out = upsample_geometry(node, shape)
-        full = (shape[-2] * scale[0], shape[-1] * scale[1])
+        cropped = out != (shape[-2] * scale[0], shape[-1] * scale[1])
         scales = b.const(f"{node.name}/scales", [1.0] * (rank - 2) + [float(s) for s in scale])
         attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-        if out == full:
+        if not cropped:
             b.add("Resize", [node.inputs[0], "", scales], node.outputs, name=node.name, **attrs)
             return
         y = b.op("Resize", [node.inputs[0], "", scales], f"{node.name}/nearest", **attrs)
-        _crop_tail(b, y, rank, out, full, node.name, outputs=node.outputs, name=node.name)
+        ins = [y, b.const(f"{node.name}/starts", [0, 0], dtype="int64"), b.const(f"{node.name}/ends", list(out), dtype="int64"),
+               b.const(f"{node.name}/axes", [rank - 2, rank - 1], dtype="int64")]
+        b.add("Slice", ins, node.outputs, name=node.name)
 
     def torch(self, node):
         return _Nearest(*upsample_geometry(node, node.in_shapes[0]))
