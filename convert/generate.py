@@ -68,6 +68,11 @@ def random_blobs(layer_type: str, shapes: list[tuple[int, ...]], rng: np.random.
         mean = rng.normal(0, 0.2, c).astype(np.float32)
         var = rng.uniform(0.5, 2.0, c).astype(np.float32)
         return [mean * s, var * s, np.array([s], np.float32)]
+    if layer_type == "BN":  # forks: slope, bias, mean, variance (PSPNet) or scale, shift (SegNet), 1xCx1x1
+        out = [rng.uniform(0.5, 1.5, shapes[0]).astype(np.float32), rng.normal(0, 0.1, shapes[1]).astype(np.float32)]
+        if len(shapes) == 4:
+            out += [rng.normal(0, 0.2, shapes[2]).astype(np.float32), rng.uniform(0.5, 2.0, shapes[3]).astype(np.float32)]
+        return out
     if layer_type in ("Scale", "Bias"):
         out = [rng.uniform(0.5, 1.5, shapes[0]).astype(np.float32)] if layer_type == "Scale" else []
         out += [rng.normal(0, 0.1, s).astype(np.float32) for s in shapes[len(out):]]

@@ -1,3 +1,18 @@
 """Layer converters, one module per family; importing this package fills the registry."""
 
-from . import activation, conv, dense, embed, normalization, pooling, reduce, spp, tensor, tile  # noqa: F401
+from . import (  # noqa: F401
+    activation,
+    bounded,
+    conv,
+    dense,
+    embed,
+    fork_bn,
+    normalization,
+    pooling,
+    reduce,
+    resize,
+    shuffle,
+    spp,
+    tensor,
+    tile,
+)
