@@ -132,6 +132,12 @@ def assert_same_detections(ref: np.ndarray, got: np.ndarray, what: str, score_to
             free.remove(cand[0])
 
 
+def opencv_detections(det: np.ndarray) -> np.ndarray:
+    """OpenCV pads its output to keep_top_k rows per image with rows of zeros: drop those."""
+    d = det.reshape(-1, 7)
+    return d[np.any(d[:, 1:] != 0, axis=1)].reshape(1, 1, -1, 7)
+
+
 def assert_caffe_order(det: np.ndarray, what: str) -> None:
     """Caffe writes rows by image, then label (ascending), then score (descending)."""
     d = det.reshape(-1, 7)
@@ -240,3 +246,269 @@ def test_prior_box_matches_caffe_and_opencv(tmp_path, cid):
             continue
         assert_close(cv[v], got_onnx[v], f"{cid} {v}: onnx vs OpenCV", rtol=0, atol=1e-6)
         assert_close(cv[v], got_torch[v], f"{cid} {v}: torch vs OpenCV", rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- (b) DetectionOutput
+
+F32 = np.float32
+
+
+def decode_ref(pb, pv, d, code: str, encoded: bool):
+    """bbox_util.cpp DecodeBBox for one prior (float32, Caffe's operation order)."""
+    if encoded:
+        pv = np.ones(4, F32)  # variance_encoded_in_target: the offsets are used as they are
+    if code == "CORNER":
+        return [pb[i] + pv[i] * d[i] for i in range(4)]
+    pw, ph = pb[2] - pb[0], pb[3] - pb[1]
+    if code == "CORNER_SIZE":
+        return [pb[0] + pv[0] * d[0] * pw, pb[1] + pv[1] * d[1] * ph, pb[2] + pv[2] * d[2] * pw, pb[3] + pv[3] * d[3] * ph]
+    cx = pv[0] * d[0] * pw + (pb[0] + pb[2]) / F32(2)
+    cy = pv[1] * d[1] * ph + (pb[1] + pb[3]) / F32(2)
+    w, h = np.exp(pv[2] * d[2]) * pw, np.exp(pv[3] * d[3]) * ph
+    return [cx - w / F32(2), cy - h / F32(2), cx + w / F32(2), cy + h / F32(2)]
+
+
+def jaccard_ref(a, b) -> F32:
+    """bbox_util.cpp JaccardOverlap (normalized): IntersectBBox, BBoxSize 0 for inverted boxes."""
+    if b[0] > a[2] or b[2] < a[0] or b[1] > a[3] or b[3] < a[1]:
+        return F32(0)
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if not (w > 0 and h > 0):
+        return F32(0)
+    size = lambda r: F32(0) if (r[2] < r[0] or r[3] < r[1]) else (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    inter = w * h
+    return inter / (size(a) + size(b) - inter)
+
+
+def detection_ref(loc, conf, prior, num_classes, share_location=True, background_label_id=0, code_type="CORNER",
+                  variance_encoded_in_target=False, keep_top_k=-1, confidence_threshold=None, nms_threshold=0.3,
+                  top_k=-1, eta=1.0, clip=False) -> np.ndarray:
+    """detection_output_layer.cpp Forward_cpu + ApplyNMSFast, transcribed: [1, 1, N, 7]
+    (``clip``: OpenCV's extension, decoded boxes clipped to [0, 1])."""
+    batch, P = loc.shape[0], prior.shape[2] // 4
+    L = 1 if share_location else num_classes
+    pbox, pvar = prior[0, 0].reshape(P, 4).astype(F32), prior[0, 1].reshape(P, 4).astype(F32)
+    loc = loc.reshape(batch, P, L, 4).astype(F32)
+    conf = conf.reshape(batch, P, num_classes).astype(F32)
+    thr = F32(confidence_threshold) if confidence_threshold is not None else -np.finfo(F32).max
+    rows = []
+    for i in range(batch):
+        boxes = {c: [decode_ref(pbox[p], pvar[p], loc[i, p, c], code_type, variance_encoded_in_target) for p in range(P)]
+                 for c in range(L)}
+        if clip:
+            boxes = {c: [[min(max(v, F32(0)), F32(1)) for v in bx] for bx in b] for c, b in boxes.items()}
+        indices = {}
+        for c in range(num_classes):
+            if c == background_label_id:
+                continue
+            scores, bx = conf[i, :, c], boxes[0 if share_location else c]
+            cand = sorted([(s, p) for p, s in enumerate(scores) if s > thr], key=lambda t: -t[0])  # stable
+            cand = cand[:top_k] if top_k > -1 else cand
+            kept, adaptive = [], F32(nms_threshold)
+            for _, p in cand:
+                keep = all(jaccard_ref(bx[p], bx[k]) <= adaptive for k in kept)
+                if keep:
+                    kept.append(p)
+                if keep and eta < 1 and adaptive > 0.5:
+                    adaptive = F32(adaptive * F32(eta))
+            indices[c] = kept
+        if keep_top_k > -1 and sum(map(len, indices.values())) > keep_top_k:
+            pairs = sorted([(conf[i, p, c], c, p) for c in sorted(indices) for p in indices[c]], key=lambda t: -t[0])
+            indices = {}
+            for _, c, p in pairs[:keep_top_k]:
+                indices.setdefault(c, []).append(p)
+        for c in sorted(indices):
+            for p in indices[c]:
+                rows.append([i, c, conf[i, p, c], *boxes[0 if share_location else c][p]])
+    if not rows:
+        rows = [[i] + [-1] * 6 for i in range(batch)]
+    return np.asarray(rows, np.float32).reshape(1, 1, -1, 7)
+
+
+HEADS = [("c1", prior_param([6], [12], [2], extra="step: 2"), 4), ("c2", prior_param([12], [20], [2, 3], extra="step: 4"), 6)]
+SHAPE = (1, 3, 24, 32)
+CLASSES = 4
+
+# id: (DetectionOutput fields, nms_param fields, OpenCV comparable?[, heads])
+DET_CASES = {
+    "center-size-keep-top-k": ("code_type: CENTER_SIZE keep_top_k: 30 confidence_threshold: 0.3", "nms_threshold: 0.45 top_k: 40", True),
+    "corner-large-keep-top-k": ("code_type: CORNER keep_top_k: 500 confidence_threshold: 0.4", "nms_threshold: 0.45 top_k: 40", True),
+    "not-shared-no-background": ("share_location: false background_label_id: -1 code_type: CENTER_SIZE keep_top_k: 60 "
+                                 "confidence_threshold: 0.4", "nms_threshold: 0.45 top_k: 40", True),
+    "not-shared-corner": ("share_location: false code_type: CORNER keep_top_k: 30 confidence_threshold: 0.4",
+                          "nms_threshold: 0.5 top_k: 30", True),
+    "background-2-small-top-k": ("background_label_id: 2 code_type: CORNER keep_top_k: 20 confidence_threshold: 0.3",
+                                 "nms_threshold: 0.3 top_k: 10", True),
+    # every prior a candidate (one head only: the reference's loops are slow)
+    "no-threshold-no-top-k": ("code_type: CENTER_SIZE keep_top_k: 25", "nms_threshold: 0.6", True, HEADS[1:]),
+    "clip": ("code_type: CENTER_SIZE keep_top_k: 30 confidence_threshold: 0.3 clip: true", "nms_threshold: 0.45 top_k: 40", True),
+    # OpenCV 4.x has no CORNER_SIZE, wants priors without variances for variance_encoded_in_target,
+    # writes one row of zeros (not Caffe's [i, -1, ...] per image) when nothing is found, and
+    # crashes (segmentation fault) with Caffe's default keep_top_k -1
+    "corner-all-kept": ("code_type: CORNER confidence_threshold: 0.4", "nms_threshold: 0.45 top_k: 40", False),
+    "corner-size": ("code_type: CORNER_SIZE keep_top_k: 30 confidence_threshold: 0.3", "nms_threshold: 0.45 top_k: 40", False),
+    "variance-in-target": ("code_type: CENTER_SIZE variance_encoded_in_target: true keep_top_k: 30 confidence_threshold: 0.3",
+                           "nms_threshold: 0.45 top_k: 40", False),
+    "nothing-found": ("code_type: CENTER_SIZE confidence_threshold: 0.99", "nms_threshold: 0.45 top_k: 40", False),
+}
+
+
+def parse_fields(text: str) -> dict:
+    """'a: 1 b: CORNER c: true' -> {'a': 1.0, 'b': 'CORNER', 'c': True} (the reference's kwargs)."""
+    toks = text.replace(":", " ").split()
+    out = {}
+    for k, v in zip(toks[::2], toks[1::2]):
+        out[k] = {"true": True, "false": False}.get(v, v if v.isalpha() or "_" in v else float(v))
+    for k in ("keep_top_k", "top_k", "background_label_id"):
+        if k in out:
+            out[k] = int(out[k])
+    return out
+
+
+@pytest.fixture(scope="module")
+def det_built(tmp_path_factory):
+    cache = {}
+
+    def get(cid: str):
+        if cid not in cache:
+            fields, nms, _, *heads = DET_CASES[cid]
+            c = ssd_net(SHAPE, heads[0] if heads else HEADS, CLASSES, det_param(CLASSES, fields, nms), share="share_location: false" not in fields)
+            cache[cid] = convert(tmp_path_factory.mktemp(cid), c)
+        return cache[cid]
+
+    return get
+
+
+@pytest.mark.parametrize("cid", sorted(DET_CASES))
+def test_detection_output_matches_caffe_and_opencv(det_built, cid):
+    fields, nms, opencv_ok, *_ = DET_CASES[cid]
+    proto, weights, pkg = det_built(cid)
+    x = image_batch(np.random.default_rng(3), SHAPE)  # batch 2
+    values = ["loc", "conf_flat", "priors", "det"]
+    got_onnx, got_torch = ours(pkg, x, values)
+    det_o, det_t = got_onnx["det"], got_torch["det"]
+    assert det_o.shape == det_t.shape and det_o.shape[:2] == (1, 1) and det_o.shape[3] == 7
+    assert_close(det_o, det_t, f"{cid}: onnx vs torch", rtol=0, atol=1e-6)
+    # Caffe's loops on the very blobs our DetectionOutput read: same rows, same order
+    kw = {**parse_fields(fields), **parse_fields(nms)}
+    ref = detection_ref(got_onnx["loc"], got_onnx["conf_flat"], got_onnx["priors"], CLASSES, **kw)
+    assert ref.shape == det_o.shape, f"{cid}: {det_o.shape[2]} rows, Caffe's loop {ref.shape[2]}"
+    assert_close(ref, det_o, f"{cid}: onnx vs Caffe's loop", rtol=0, atol=2e-6)
+    assert_close(ref, det_t, f"{cid}: torch vs Caffe's loop", rtol=0, atol=2e-6)
+    assert_caffe_order(det_o, cid)
+    assert set(det_o[0, 0, :, 0]) == {0.0, 1.0}, "rows for both images"
+    if cid == "nothing-found":
+        np.testing.assert_array_equal(det_o, np.array([[[[0] + [-1] * 6, [1] + [-1] * 6]]], np.float32))
+    if opencv_ok:
+        cv = opencv_detections(opencv_out(proto, weights, x, ["det"])["det"])
+        assert_same_detections(cv, det_o, f"{cid}: onnx vs OpenCV")
+        assert_same_detections(cv, det_t, f"{cid}: torch vs OpenCV")
+
+
+# ----------------------------------------------------------------------------- hand-made inputs
+
+
+def det_alone(priors: np.ndarray, classes: int, param: str, share: bool = True, onnx: bool = True):
+    """A net of one DetectionOutput over three inputs (loc, conf, priors): (onnx model or None, torch net)."""
+    from google.protobuf import text_format
+
+    from convert.emit_onnx import emit_onnx
+    from convert.emit_torch import emit_torch
+    from convert.ir import build_graph
+    from convert.parse import net_spec
+    from convert.proto import pb
+
+    P = priors.shape[2] // 4
+    L = 1 if share else classes
+    text = (f'input: "loc" input_shape {{ dim: 1 dim: {P * L * 4} }} input: "conf" input_shape {{ dim: 1 dim: {P * classes} }} '
+            f'input: "priors" input_shape {{ dim: 1 dim: 2 dim: {P * 4} }} '
+            f'layer {{ name: "det" type: "DetectionOutput" bottom: "loc" bottom: "conf" bottom: "priors" top: "det" {param} }}')
+    net = pb.NetParameter()
+    text_format.Parse(text, net)
+    graph = build_graph(net_spec(net), {})
+    return emit_onnx(graph) if onnx else None, emit_torch(graph), graph
+
+
+def run_alone(model, net, loc, conf, priors) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    feeds = {"loc": loc.astype(np.float32), "conf": conf.astype(np.float32), "priors": priors.astype(np.float32)}
+    onnx_out = run_ort(model, feeds, ["det"])["det"] if model is not None else None
+    with torch.inference_mode():
+        torch_out = net(*(torch.from_numpy(v) for v in feeds.values()))["det"].numpy()
+    return onnx_out, torch_out
+
+
+def priors_of(boxes, variance=(0.1, 0.1, 0.2, 0.2)) -> np.ndarray:
+    b = np.asarray(boxes, np.float32)
+    return np.stack([b.reshape(-1), np.tile(np.asarray(variance, np.float32), len(b))])[None]
+
+
+def scores_of(fg: np.ndarray) -> np.ndarray:
+    """(B, P) foreground scores -> (B, P*2) [background, foreground] confidences."""
+    return np.stack([1 - fg, fg], axis=-1).reshape(fg.shape[0], -1)
+
+
+def check_alone(priors, loc, conf, classes, param, share=True, onnx=True, **ref_kw):
+    model, net, _ = det_alone(priors, classes, param, share, onnx)
+    got_onnx, got_torch = run_alone(model, net, loc, conf, priors)
+    ref = detection_ref(loc, conf, priors, classes, share_location=share, **ref_kw)
+    assert_close(ref, got_torch, "torch vs Caffe's loop", rtol=0, atol=1e-6)
+    if onnx:
+        assert_close(ref, got_onnx, "onnx vs Caffe's loop", rtol=0, atol=1e-6)
+    return ref
+
+
+def test_inverted_box_overlaps_nothing():
+    """CORNER offsets can turn a box inside out (xmax < xmin): Caffe gives it size 0 and IoU 0,
+    so it survives NMS; ONNX NonMaxSuppression would have swapped its corners and suppressed it."""
+    priors = priors_of([[0.1, 0.1, 0.5, 0.5], [0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]])
+    loc = np.zeros((1, 12), np.float32)
+    loc[0, 4:8] = [4.0, 0.0, -4.0, 0.0]  # prior 1: xmin 0.5, xmax 0.1 once decoded (variance 0.1)
+    conf = scores_of(np.array([[0.9, 0.8, 0.7]]))
+    ref = check_alone(priors, loc, conf, 2, det_param(2, "code_type: CORNER", "nms_threshold: 0.3"),
+                      code_type="CORNER", nms_threshold=0.3)
+    assert ref.shape[2] == 3 and ref[0, 0, 1, 5] < ref[0, 0, 1, 3]
+
+
+def test_top_k_limits_candidates_before_nms():
+    """nms_param.top_k picks the candidates NMS looks at: a box ranked past top_k is never kept,
+    even when a better one was suppressed (ONNX's max_output_boxes_per_class would keep it)."""
+    priors = priors_of([[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.6, 0.6, 0.9, 0.9]])
+    loc = np.zeros((1, 12), np.float32)
+    conf = scores_of(np.array([[0.9, 0.8, 0.7]]))
+    ref = check_alone(priors, loc, conf, 2, det_param(2, "code_type: CORNER", "nms_threshold: 0.5 top_k: 2"),
+                      code_type="CORNER", nms_threshold=0.5, top_k=2)
+    assert ref.shape[2] == 1
+
+
+def test_ties_keep_the_lower_prior_and_batch_image_ids():
+    """Equal scores: Caffe's stable sort puts the lower prior first (it wins NMS, and keep_top_k);
+    an image with no detection writes no row while the other image has some."""
+    priors = priors_of([[0.1, 0.1, 0.5, 0.5], [0.11, 0.1, 0.51, 0.5], [0.6, 0.6, 0.9, 0.9], [0.6, 0.1, 0.9, 0.4]])
+    loc = np.zeros((2, 16), np.float32)
+    fg = np.array([[0.7, 0.7, 0.6, 0.6], [0.1, 0.1, 0.1, 0.1]], np.float32)
+    param = det_param(2, "code_type: CORNER keep_top_k: 2 confidence_threshold: 0.2", "nms_threshold: 0.5")
+    ref = check_alone(priors, loc, scores_of(fg), 2, param, code_type="CORNER", keep_top_k=2, confidence_threshold=0.2,
+                      nms_threshold=0.5)
+    np.testing.assert_allclose(ref[0, 0, :, :3], [[0, 1, 0.7], [0, 1, 0.6]], atol=1e-6)
+    np.testing.assert_allclose(ref[0, 0, :, 3:], [[0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]], atol=1e-6)
+
+
+def test_eta_adaptive_threshold_in_torch_and_refused_in_onnx(tmp_path):
+    """eta < 1 lowers the NMS threshold after each kept box (while it is above 0.5): torch follows
+    Caffe's loop; ONNX NonMaxSuppression has a fixed threshold, so converting says so."""
+    from convert.errors import GraftError
+
+    rng = np.random.default_rng(5)
+    centers = rng.uniform(0.2, 0.8, (30, 2)).astype(np.float32)
+    priors = priors_of(np.concatenate([centers - 0.15, centers + 0.15], axis=1))
+    loc = rng.normal(0, 1, (2, 30 * 4)).astype(np.float32)
+    conf = scores_of(rng.uniform(0, 1, (2, 30)).astype(np.float32))
+    param = det_param(2, "code_type: CENTER_SIZE", "nms_threshold: 0.8 eta: 0.8")
+    ref = check_alone(priors, loc, conf, 2, param, onnx=False, code_type="CENTER_SIZE", nms_threshold=0.8, eta=0.8)
+    fixed = detection_ref(loc, conf, priors, 2, code_type="CENTER_SIZE", nms_threshold=0.8)
+    assert ref.shape[2] < fixed.shape[2], "eta should have suppressed more"
+    with pytest.raises(GraftError, match=r"layer 'det': nms_param.eta 0.8 < 1"):
+        det_alone(priors, 2, param)
