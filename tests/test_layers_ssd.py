@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _convert_helpers import CAFFE, assert_close, opencv_net, run_ort, run_torch
+from _convert_helpers import CAFFE, assert_close, needs_testbed, opencv_net, run_ort, run_torch
 from test_convert_layers import Case, render
 
 COVERED_TYPES = {"PriorBox", "DetectionOutput"}
@@ -512,3 +512,193 @@ def test_eta_adaptive_threshold_in_torch_and_refused_in_onnx(tmp_path):
     assert ref.shape[2] < fixed.shape[2], "eta should have suppressed more"
     with pytest.raises(GraftError, match=r"layer 'det': nms_param.eta 0.8 < 1"):
         det_alone(priors, 2, param)
+
+
+# ----------------------------------------------------------------------------- (c) real models
+
+
+def qr_like(rng: np.random.Generator, modules: int = 25) -> np.ndarray:
+    """A QR-code-like pattern (random modules, the three finder patterns, timing lines) with a
+    quiet zone, 0/255, one pixel per module."""
+    m = rng.uniform(size=(modules, modules)) > 0.5
+    for r, c in ((0, 0), (0, modules - 7), (modules - 7, 0)):
+        for i in range(-1, 8):
+            for j in range(-1, 8):
+                if 0 <= r + i < modules and 0 <= c + j < modules:
+                    m[r + i, c + j] = max(abs(i - 3), abs(j - 3)) in (0, 1, 3)
+    m[6, 8:-8] = m[8:-8, 6] = np.arange(modules - 16) % 2 == 0
+    return np.pad(np.where(m, 0, 255).astype(np.uint8), 4, constant_values=255)
+
+
+def wechat_inputs(cv2) -> dict[str, np.ndarray]:
+    """opencv_contrib's preprocessing (cubic resize to 384, gray, x1/255) of a real photo, the photo
+    with a code pasted in, and a synthetic page with two codes."""
+    photo = cv2.imread(str(CAFFE / "mtcnn" / "test1.jpg"), cv2.IMREAD_GRAYSCALE)
+    photo = cv2.resize(photo, (384, 384), interpolation=cv2.INTER_CUBIC)
+    pasted = photo.copy()
+    pasted[40:200, 180:340] = cv2.resize(qr_like(np.random.default_rng(0)), (160, 160), interpolation=cv2.INTER_NEAREST)
+    page = np.full((384, 384), 230, np.uint8)
+    for k, (r, c) in enumerate(((200, 50), (30, 220))):
+        page[r:r + 120, c:c + 120] = cv2.resize(qr_like(np.random.default_rng(k + 1)), (120, 120), interpolation=cv2.INTER_NEAREST)
+    as_input = lambda *imgs: (np.stack(imgs).astype(np.float32) / 255)[:, None]  # noqa: E731
+    return {"photo": as_input(photo), "codes": as_input(pasted, page)}
+
+
+def not_in_place_on_input(src: Path, dst: Path) -> Path:
+    """The same net with the in-place BatchNorm+Scale on the input ``data`` writing ``data_norm``
+    (graft's graph cannot yet name an input that a layer overwrites in place)."""
+    from google.protobuf import text_format
+
+    from convert.parse import read_prototxt
+
+    net = read_prototxt(src)
+    for layer in net.layer:
+        if layer.type != "Input" and layer.name != "data/bn":
+            layer.bottom[:] = ["data_norm" if b == "data" else b for b in layer.bottom]
+        if layer.name in ("data/bn", "data/bn/scale"):
+            layer.top[:] = ["data_norm"]
+    dst.write_text(text_format.MessageToString(net))
+    return dst
+
+
+@needs_testbed
+def test_wechat_qrcode_detector_matches_opencv(tmp_path):
+    """The real WeChat QR detector (real weights): a photo with no code gives Caffe's row of -1s
+    (OpenCV: only zero padding rows), codes are found as OpenCV finds them, at batch 2."""
+    cv2 = pytest.importorskip("cv2")
+    from convert import convert_model
+
+    zoo = ZOO / "wechat_qrcode_detect"
+    proto = not_in_place_on_input(zoo / "deploy.prototxt", tmp_path / "deploy.prototxt")
+    pkg = convert_model(proto, zoo / "detect.caffemodel", tmp_path / "qr", "qr",
+                        preprocess={"scale": 1 / 255, "channel_order": "gray"}, log=lambda _m: None)
+    assert pkg.manifest["verification"]["passed"] is True
+    net = opencv_net(zoo / "deploy.prototxt", zoo / "detect.caffemodel")
+    for what, x in wechat_inputs(cv2).items():
+        net.setInput(x)
+        cv = opencv_detections(net.forward("detection_output"))
+        got_onnx, got_torch = ours(pkg, x, ["detection_output"])
+        det_o, det_t = got_onnx["detection_output"], got_torch["detection_output"]
+        assert_close(det_o, det_t, f"{what}: onnx vs torch", rtol=0, atol=1e-5)
+        if what == "photo":
+            assert cv.shape[2] == 0
+            np.testing.assert_array_equal(det_o, [[[[0, -1, -1, -1, -1, -1, -1]]]])
+            continue
+        assert sorted(det_o[0, 0, :, 0].tolist()) == [0, 1, 1], "one code in the photo, two on the page"
+        assert np.all(det_o[0, 0, :, 1] == 1) and np.all(det_o[0, 0, :, 2] > 0.9)
+        assert_same_detections(cv, det_o, f"{what}: onnx vs OpenCV", score_tol=1e-4)
+        assert_same_detections(cv, det_t, f"{what}: torch vs OpenCV", score_tol=1e-4)
+
+
+@needs_testbed
+@pytest.mark.slow
+def test_ssd300_vgg16_matches_opencv(tmp_path):
+    """The zoo's SSD300 (VOC, 21 classes, 8732 priors from 6 PriorBox heads; DetectionOutput with
+    ``include { phase: TEST }`` and a ``save_output_param`` naming absent paths) with generated
+    weights (105 MB; about 12 s): keep_top_k 200 detections as OpenCV finds them."""
+    from convert import convert_model
+    from convert.generate import generate_caffemodel
+
+    zoo = ZOO / "ssd300_vgg16_voc"
+    weights = generate_caffemodel(zoo / "deploy.prototxt", tmp_path / "ssd300.caffemodel", seed=0)
+    pkg = convert_model(zoo / "deploy.prototxt", weights, tmp_path / "ssd300", "ssd300", preprocess={"scale": 1 / 255},
+                        verify=False, log=lambda _m: None)
+    priors = [li for li in pkg.manifest["layers"] if li["type"] == "PriorBox"]
+    assert len(priors) == 6 and pkg.blobs["mbox_priorbox"]["shape"][1:] == [2, 8732 * 4]
+    x = image_batch(np.random.default_rng(0), (1, 3, 300, 300), batch=1)
+    cv = opencv_out(zoo / "deploy.prototxt", weights, x, ["mbox_priorbox", "detection_out"])
+    got_onnx, got_torch = ours(pkg, x, ["mbox_priorbox", "detection_out"])
+    assert_close(cv["mbox_priorbox"], got_onnx["mbox_priorbox"], "priors: onnx vs OpenCV", rtol=0, atol=1e-6)
+    det_o, det_t = got_onnx["detection_out"], got_torch["detection_out"]
+    assert det_o.shape == (1, 1, 200, 7)
+    assert_close(det_o, det_t, "onnx vs torch", rtol=0, atol=1e-5)
+    assert_caffe_order(det_o, "ssd300")
+    assert_same_detections(opencv_detections(cv["detection_out"]), det_o, "onnx vs OpenCV")
+
+
+# ----------------------------------------------------------------------------- graph, hooks, errors
+
+
+def test_onnx_post_processing_is_readable_and_batch_free():
+    """Every node of the SSD post-processing is named after its layer ('det/<step>'; the builder
+    suffixes names it has seen as values); no Reshape or Expand target bakes a batch size in."""
+    from onnx import numpy_helper
+
+    priors = priors_of([[0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]])
+    for share, classes in ((True, 3), (False, 3)):
+        model, _, graph = det_alone(priors, classes, det_param(classes, f"share_location: {str(share).lower()} keep_top_k: 3"),
+                                    share)
+        names = [nd.name for nd in model.graph.node]
+        assert len(set(names)) == len(names) and all(n.startswith("det/") for n in names[:-1])
+        assert model.graph.node[-1].name.startswith("det") and list(model.graph.node[-1].output) == ["det"]
+        ops = {nd.op_type for nd in model.graph.node}
+        assert {"NonMaxSuppression", "TopK", "GatherND", "ScatterND"} <= ops
+        consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        for nd in model.graph.node:
+            if nd.op_type == "Reshape":
+                assert consts[nd.input[1]][0] in (-1, 0, 2), f"{nd.name}: batch baked into {consts[nd.input[1]]}"
+            if nd.op_type == "Expand":
+                assert nd.input[1] not in consts, f"{nd.name}: static Expand target"
+        node = graph.node("det")
+        assert node.converter.keeps_batch(node) is False
+        assert node.converter.dynamic_axes(node) == {0: {2: "det_detections"}}
+        # the upper bound: declared batch 1 x min(keep_top_k 3, 2 classes x 2 candidates)
+        assert node.out_shapes == [(1, 1, 3, 7)]
+
+
+def test_prior_box_is_a_constant_initializer(tmp_path):
+    import onnx
+
+    c = Case("pb", (1, 3, 8, 8), [
+        ("c1", "Convolution", ["data"], ["c1"], "convolution_param { num_output: 2 kernel_size: 3 stride: 2 pad: 1 }"),
+        ("pb", "PriorBox", ["c1", "data"], ["pb"], prior_param([2], [4], [2])),
+    ], lambda x, W: {})
+    _, _, pkg = convert(tmp_path, c)
+    model = onnx.load(str(pkg.onnx_path), load_external_data=False)
+    (node,) = [nd for nd in model.graph.node if list(nd.output) == ["pb"]]
+    assert node.op_type == "Identity" and node.input[0] in {t.name for t in model.graph.initializer}
+    from convert import load_torch
+
+    net = load_torch(pkg)
+    assert len(list(net.layers["pb"].parameters())) == 0  # nothing learned: caffe_blobs round-trips empty
+    assert net.layers["pb"].__class__.__name__ == "_Constant"
+
+
+BAD = [
+    ("PriorBox", "prior_box_param { max_size: 4 }", "PriorBox needs positive min_size"),
+    ("PriorBox", "prior_box_param { min_size: 4 max_size: 3 }", "each max_size must exceed its min_size"),
+    ("PriorBox", "prior_box_param { min_size: 4 min_size: 6 max_size: 8 }", "1 max_size values for 2 min_size"),
+    ("PriorBox", "prior_box_param { min_size: 4 variance: 0.1 variance: 0.2 }", "one or four positive variances"),
+    ("PriorBox", "prior_box_param { min_size: 4 step: 2 step_h: 2 step_w: 2 }", "either step or step_h/step_w"),
+    ("PriorBox", "prior_box_param { min_size: 4 img_size: 8 img_h: 8 img_w: 8 }", "either img_size or img_h/img_w"),
+    ("PriorBox", "prior_box_param { min_size: 4 width: 3 height: 3 }", "OpenCV's extension"),
+    ("DetectionOutput", "detection_output_param { share_location: true }", "num_classes must be set"),
+    ("DetectionOutput", "detection_output_param { num_classes: 3 }", "conf .* must hold 2 priors x 3 classes"),
+    ("DetectionOutput", "detection_output_param { num_classes: 2 share_location: false }", "loc .* must hold 2 priors x 2 x 4"),
+    ("DetectionOutput", "detection_output_param { num_classes: 2 background_label_id: -1 }", "background_label_id -1 with share_location"),
+    ("DetectionOutput", "detection_output_param { num_classes: 2 nms_param { eta: 1.5 } }", r"eta 1.5 must be in \(0, 1\]"),
+    ("DetectionOutput", "detection_output_param { num_classes: 2 normalized_bbox: false }", "normalized_bbox: false"),
+]
+
+
+@pytest.mark.parametrize(("ltype", "param", "message"), BAD, ids=[f"{t}-{m[:24]}" for t, _, m in BAD])
+def test_bad_parameters_are_one_line_errors(ltype, param, message):
+    from google.protobuf import text_format
+
+    from convert.errors import GraftError
+    from convert.ir import build_graph
+    from convert.parse import net_spec
+    from convert.proto import pb
+
+    if ltype == "PriorBox":
+        text = (f'input: "fm" input_shape {{ dim: 1 dim: 2 dim: 4 dim: 4 }} input: "data" input_shape {{ dim: 1 dim: 3 dim: 8 dim: 8 }} '
+                f'layer {{ name: "bad" type: "PriorBox" bottom: "fm" bottom: "data" top: "p" {param} }}')
+    else:  # two priors, two classes
+        text = ('input: "loc" input_shape { dim: 1 dim: 8 } input: "conf" input_shape { dim: 1 dim: 4 } '
+                'input: "priors" input_shape { dim: 1 dim: 2 dim: 8 } '
+                f'layer {{ name: "bad" type: "DetectionOutput" bottom: "loc" bottom: "conf" bottom: "priors" top: "d" {param} }}')
+    net = pb.NetParameter()
+    text_format.Parse(text, net)
+    with pytest.raises(GraftError, match=f"layer 'bad': .*{message}") as err:
+        build_graph(net_spec(net), {})
+    assert "\n" not in str(err.value)

@@ -465,9 +465,8 @@ def _onnx_keep_top_k(b, n: str, s: DetectionSpec, dense: str) -> str:
     """(B, F*K) bool: the kept detections, at most keep_top_k per image (the best scores; ties:
     lower class, then better rank)."""
     F, K = len(s.labels), s.candidates
-    found = b.op("Greater", [dense, b.const(f"{n}/minus_inf", -np.inf)], f"{n}/found")
     if not -1 < s.keep_top_k < F * K:
-        return found
+        return b.op("Greater", [dense, b.const(f"{n}/minus_inf", -np.inf)], f"{n}/kept")
     vals, idx = b.unique(f"{n}/best_scores"), b.unique(f"{n}/best_slots")
     b.add("TopK", [dense, _i64(b, f"{n}/keep_top_k", [s.keep_top_k])], [vals, idx], name=f"{n}/keep_top_k_sort",
           axis=1, largest=1, sorted=1)
@@ -499,7 +498,7 @@ def _onnx_rows(b, n: str, s: DetectionSpec, dense: str, kept: str, cand_boxes: s
 
 def _onnx_fallback(b, n: str, loc: str) -> tuple[str, str]:
     """Caffe's rows when nothing is found, [i, -1 x 6] per image: (B, 7); and B as a (1,) tensor."""
-    batch = b.op("Slice", [b.op("Shape", [loc], f"{n}/loc_size"), _i64(b, f"{n}/b0", [0]), _i64(b, f"{n}/b1", [1])],
+    batch = b.op("Slice", [b.op("Shape", [loc], f"{n}/loc_dims"), _i64(b, f"{n}/b0", [0]), _i64(b, f"{n}/b1", [1])],
                  f"{n}/batch")
     count = b.op("Cast", [b.op("Squeeze", [batch], f"{n}/batch_scalar")], f"{n}/batch_f", to=1)
     ids = b.op("Range", [b.const(f"{n}/zero", 0.0), count, b.const(f"{n}/one", 1.0)], f"{n}/image_ids")
