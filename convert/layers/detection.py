@@ -287,37 +287,32 @@ def decode_boxes(spec: DetectionSpec, loc: torch.Tensor, pbox: torch.Tensor, pva
 
 
 def jaccard(boxes: torch.Tensor) -> torch.Tensor:
-    """bbox_util.cpp's JaccardOverlap (normalized: no +1) between all pairs of (K, 4) boxes; an
-    inverted box (xmax < xmin or ymax < ymin) has size 0 and overlaps nothing."""
-    lo = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    hi = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    wh = hi - lo
-    inter = wh[..., 0] * wh[..., 1]
-    overlaps = (wh[..., 0] > 0) & (wh[..., 1] > 0)
-    size = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    size = torch.where((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]), torch.zeros_like(size), size)
-    union = size[:, None] + size[None, :] - inter
-    return torch.where(overlaps, inter / torch.where(overlaps, union, torch.ones_like(union)), torch.zeros_like(inter))
+    """bbox_util.cpp's JaccardOverlap (normalized: no +1) between all pairs of (..., K, 4) boxes;
+    an inverted box (xmax < xmin or ymax < ymin) has size 0 and overlaps nothing."""
+    x0, y0, x1, y1 = (c.contiguous() for c in boxes.unbind(-1))
+    w = (torch.minimum(x1[..., :, None], x1[..., None, :]) - torch.maximum(x0[..., :, None], x0[..., None, :])).clamp_(min=0)
+    h = (torch.minimum(y1[..., :, None], y1[..., None, :]) - torch.maximum(y0[..., :, None], y0[..., None, :])).clamp_(min=0)
+    inter = w.mul_(h)  # > 0 only where both sides overlap, hence neither box is inverted
+    size = torch.where((x1 < x0) | (y1 < y0), torch.zeros_like(x0), (x1 - x0) * (y1 - y0))
+    union = size[..., :, None] + size[..., None, :] - inter
+    return torch.where(inter > 0, inter / union, torch.zeros_like(inter))
 
 
-def nms_fast(spec: DetectionSpec, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """bbox_util.cpp's ApplyNMSFast: the top_k scores above the threshold (stable: lower index
-    first on ties), then greedy NMS with eta's adaptive threshold. Kept prior indices, in order."""
-    idx = torch.nonzero(scores > spec.confidence_threshold).reshape(-1)
-    idx = idx[torch.sort(scores[idx], descending=True, stable=True).indices]
-    if spec.top_k > -1:
-        idx = idx[:spec.top_k]
-    if idx.numel() < 2:
-        return idx
-    iou = jaccard(boxes[idx])
-    keep = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
-    threshold = np.float32(spec.nms_threshold)
-    for i in range(idx.numel()):
-        if not bool((iou[i][keep] > float(threshold)).any()):
-            keep[i] = True
-            if spec.eta < 1 and threshold > 0.5:
-                threshold = threshold * np.float32(spec.eta)
-    return idx[keep]
+def greedy_nms(spec: DetectionSpec, boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """bbox_util.cpp's ApplyNMSFast loop for G groups at once: candidates (G, K, 4) sorted by
+    score, ``valid`` (G, K) those above the threshold. A candidate is kept when its IoU with
+    every box kept before it is <= the (eta-adaptive, float32) threshold. Returns (G, K) bool."""
+    iou = jaccard(boxes)
+    kept = torch.zeros_like(valid)
+    threshold = torch.full(valid.shape[:1], spec.nms_threshold, dtype=torch.float32, device=boxes.device)
+    zero = iou.new_zeros(())
+    for i in range(valid.shape[1]):
+        worst = torch.where(kept, iou[:, i], zero).amax(dim=1)  # 0 while nothing is kept
+        keep = valid[:, i] & (worst <= threshold)
+        kept[:, i] = keep
+        if spec.eta < 1:
+            threshold = torch.where(keep & (threshold > 0.5), threshold * spec.eta, threshold)
+    return kept
 
 
 def no_detections(batch: int, device) -> torch.Tensor:
@@ -327,45 +322,55 @@ def no_detections(batch: int, device) -> torch.Tensor:
     return rows
 
 
+#: IoU matrices per NMS chunk (float32 elements): classes are searched in chunks beyond this
+NMS_CHUNK = 1 << 24
+
+
 class _DetectionOutput(nn.Module):
+    """The same steps as the ONNX graph: per (image, class) the top_k candidates (stable sort),
+    greedy NMS over all groups at once, keep_top_k per image, rows by image, label, rank."""
+
     def __init__(self, spec: DetectionSpec):
         super().__init__()
         self.spec = spec
+        self.register_buffer("labels", torch.tensor(spec.labels, dtype=torch.int64), persistent=False)
+        self.register_buffer("loc_class", torch.tensor([spec.loc_class(c) for c in spec.labels], dtype=torch.int64),
+                             persistent=False)
 
     def forward(self, loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        batch, P = loc.shape[0], s.num_priors
+        batch, P, F = loc.shape[0], s.num_priors, len(s.labels)
+        if not F or not s.candidates or not s.keep_top_k:
+            return no_detections(batch, loc.device).reshape(1, 1, -1, 7)
         prior = prior.reshape(2, P, 4).float()
-        loc = loc.reshape(batch, P, s.num_loc_classes, 4).transpose(1, 2).float()
-        boxes = decode_boxes(s, loc, prior[0], prior[1])  # (B, loc classes, P, 4)
+        boxes = decode_boxes(s, loc.reshape(batch, P, s.num_loc_classes, 4).transpose(1, 2).float(), prior[0], prior[1])
         if s.clip:
             boxes = boxes.clamp(0.0, 1.0)
-        scores = conf.reshape(batch, P, s.num_classes).transpose(1, 2).float()  # (B, classes, P)
-        rows = [self._image(b, boxes[b], scores[b]) for b in range(batch)]
-        out = torch.cat(rows) if rows else loc.new_zeros((0, 7))
-        if out.shape[0] == 0:
-            out = no_detections(batch, loc.device)
-        return out.reshape(1, 1, -1, 7)
-
-    def _image(self, b: int, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        s = self.spec
-        labels, kept = [], []
-        for label in s.labels:
-            idx = nms_fast(s, boxes[s.loc_class(label)], scores[label])
-            labels.append(torch.full_like(idx, label))
-            kept.append(idx)
-        if not kept:
-            return boxes.new_zeros((0, 7))
-        label, idx = torch.cat(labels), torch.cat(kept)  # by label, then score (descending)
-        score = scores[label, idx]
-        if -1 < s.keep_top_k < score.numel():
-            best = torch.sort(score, descending=True, stable=True).indices[:s.keep_top_k]
-            order = torch.sort(best).values  # back to (label, score) order
-            label, idx, score = label[order], idx[order], score[order]
-        loc_label = label if not s.share_location else torch.zeros_like(label)
-        box = boxes[loc_label, idx]
-        image = torch.full_like(score, float(b))
-        return torch.cat([image[:, None], label.to(score.dtype)[:, None], score[:, None], box], dim=1)
+        scores = conf.reshape(batch, P, s.num_classes).transpose(1, 2).float()[:, self.labels]  # (B, F, P)
+        cand_scores, cand_prior = torch.sort(scores, dim=2, descending=True, stable=True)
+        valid = cand_scores[..., :s.candidates] > s.confidence_threshold
+        k = int(valid.sum(dim=2).max())  # candidates past the last valid one never matter
+        if k == 0:
+            return no_detections(batch, loc.device).reshape(1, 1, -1, 7)
+        cand_scores, cand_prior, valid = cand_scores[..., :k], cand_prior[..., :k], valid[..., :k]
+        image = torch.arange(batch, device=loc.device)[:, None, None]
+        cand_boxes = boxes[image, self.loc_class[None, :, None], cand_prior]  # (B, F, k, 4)
+        groups = batch * F
+        step = max(1, NMS_CHUNK // (k * k))
+        flat_boxes, flat_valid = cand_boxes.reshape(groups, k, 4), valid.reshape(groups, k)
+        kept = torch.cat([greedy_nms(s, flat_boxes[g:g + step], flat_valid[g:g + step])
+                          for g in range(0, groups, step)]).reshape(batch, F * k)
+        if -1 < s.keep_top_k < F * k:  # the best keep_top_k per image (ties: lower class, then rank)
+            ranked = torch.where(kept, cand_scores.reshape(batch, F * k), torch.full_like(kept, -math.inf, dtype=torch.float32))
+            best = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :s.keep_top_k]
+            kept = kept & torch.zeros_like(kept).scatter(1, best, True)
+        b, slot = torch.nonzero(kept, as_tuple=True)  # row-major: image, class, rank
+        f, r = slot // k, slot % k
+        if b.numel() == 0:
+            return no_detections(batch, loc.device).reshape(1, 1, -1, 7)
+        rows = torch.cat([b.float()[:, None], self.labels[f].float()[:, None], cand_scores[b, f, r][:, None],
+                          cand_boxes[b, f, r]], dim=1)
+        return rows.reshape(1, 1, -1, 7)
 
     def extra_repr(self) -> str:
         s = self.spec
