@@ -248,6 +248,27 @@ def test_prior_box_matches_caffe_and_opencv(tmp_path, cid):
         assert_close(cv[v], got_torch[v], f"{cid} {v}: torch vs OpenCV", rtol=0, atol=1e-6)
 
 
+
+def test_prior_box_follows_the_package_input_size(tmp_path):
+    """``convert --input-size``: the priors are computed for the size the package takes."""
+    from convert import convert_model
+    from convert.generate import generate_caffemodel
+
+    kw = dict(min_size=[4], max_size=[9], ar=[2])
+    c = Case("size", (1, 3, 16, 16), [
+        ("c1", "Convolution", ["data"], ["c1"], "convolution_param { num_output: 2 kernel_size: 3 stride: 2 pad: 1 }"),
+        ("pb", "PriorBox", ["c1", "data"], ["pb"], prior_text(kw)),
+    ], lambda x, W: {})
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(render(c, "V2"))
+    weights = generate_caffemodel(proto, tmp_path / "net.caffemodel")
+    pkg = convert_model(proto, weights, tmp_path / "pkg", "size", preprocess={"scale": 1 / 255}, input_size=[20, 28],
+                        log=lambda _m: None)
+    got_onnx, got_torch = ours(pkg, image_batch(np.random.default_rng(2), (1, 3, 20, 28)), ["pb"])
+    ref = prior_ref((10, 14), (20, 28), **kw)
+    assert_close(ref, got_onnx["pb"], "onnx at the package's input size", rtol=0, atol=1e-6)
+    assert_close(ref, got_torch["pb"], "torch at the package's input size", rtol=0, atol=1e-6)
+
 # ----------------------------------------------------------------------------- (b) DetectionOutput
 
 F32 = np.float32
