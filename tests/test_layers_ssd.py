@@ -616,7 +616,7 @@ def test_wechat_qrcode_detector_matches_opencv(tmp_path):
 def test_ssd300_vgg16_matches_opencv(tmp_path):
     """The zoo's SSD300 (VOC, 21 classes, 8732 priors from 6 PriorBox heads; DetectionOutput with
     ``include { phase: TEST }`` and a ``save_output_param`` naming absent paths) with generated
-    weights (105 MB; about 12 s): keep_top_k 200 detections as OpenCV finds them."""
+    weights (105 MB; 4-6 s here): keep_top_k 200 detections as OpenCV finds them."""
     from convert import convert_model
     from convert.generate import generate_caffemodel
 
