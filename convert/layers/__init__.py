@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     bounded,
     conv,
     dense,
+    detection,
     embed,
     fork_bn,
     normalization,
