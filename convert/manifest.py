@@ -140,9 +140,11 @@ def _verification_lines(v: dict) -> list[str]:
              f"tolerance atol {v['atol']:g} + rtol {v['rtol']:g}·max|ref|)"]
     for blob, a in (v.get("adjudicated") or {}).items():
         if "onnx_vs_float64" in a:
+            local = (f"; its layer alone: onnxruntime {a['layer_onnx_vs_float64']:.3g}, torch {a['layer_torch_vs_float64']:.3g}"
+                     if "layer_onnx_vs_float64" in a else "")
             lines.append(f"    {blob}: float32 runs differ beyond tolerance; vs float64: onnxruntime "
-                         f"{a['onnx_vs_float64']:.3g}, torch {a['torch_vs_float64']:.3g} ({a['closer']} closer), "
-                         f"{'accepted' if a['accepted'] else 'refused'}")
+                         f"{a['onnx_vs_float64']:.3g}, torch {a['torch_vs_float64']:.3g} ({a['closer']} closer){local}; "
+                         f"{'accepted' if a['accepted'] else 'refused'} ({a.get('judged_by', 'float64')})")
     return lines
 
 
