@@ -88,7 +88,7 @@ def run_onnx(graph: Graph, model: onnx.ModelProto, model_dir: Path, feeds: Mappi
     onnx.save(probe, str(probe_path))
     try:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # its errors are reported here, as one line
         # One run only: re-packing every weight matrix for faster GEMMs costs more than it saves
         # (1.5 s of VGG-Face's 580 MB at session creation), and does not change the graph's values.
         opts.add_session_config_entry("session.disable_prepacking", "1")
