@@ -142,14 +142,16 @@ def generate_caffemodel(
 ) -> Path:
     """Write ``out`` (atomically) with random weights shaped as ``prototxt`` requires.
 
-    ``input_size`` (H, W) replaces the declared spatial size of the (first) input, as
+    ``input_size`` (H, W) replaces the declared spatial size of the image input, as
     ``convert --input-size`` does: a VGG-class net at 32x32 has a small fc6, for quick tests.
     """
     spec = load_net_spec(prototxt)
     shapes = None
     if input_size:
-        name, declared = next(iter(spec.inputs.items()))
-        shapes = {name: list(declared[:2]) + [int(d) for d in input_size]}
+        from .ir import main_input
+
+        name = main_input(spec.inputs)
+        shapes = {name: list(spec.inputs[name][:2]) + [int(d) for d in input_size]}
     graph = build_graph(spec, None, input_shapes=shapes)
     rng = np.random.default_rng(seed)
 

@@ -62,6 +62,9 @@ class Node:
     #: the batch axis of each input / output (None: that value does not grow with the batch)
     in_batch: list[int | None] = field(default_factory=list)
     out_batch: list[int | None] = field(default_factory=list)
+    #: data-dependent axes of each input / output: {axis: symbol} (``Converter.dynamic_axes``)
+    in_dynamic: list[dict[int, str]] = field(default_factory=list)
+    out_dynamic: list[dict[int, str]] = field(default_factory=list)
 
     def param(self, field_name: str):
         return self.spec.param(field_name)
@@ -188,6 +191,14 @@ def _shape_node(node: Node, weights: Mapping[str, list[np.ndarray]] | None, sour
     if len(node.out_batch) != len(node.out_shapes) or any(
             a is not None and not 0 <= a < len(s) for a, s in zip(node.out_batch, node.out_shapes)):
         raise GraftError(f"layer '{ls.name}' ({ls.type}): batch axes {node.out_batch} do not fit outputs {node.out_shapes}")
+    with layer_errors(ls.name, ls.type, "name its data-dependent axes"):
+        declared = {int(i): {int(a): str(v) for a, v in d.items()} for i, d in conv.dynamic_axes(node).items()}
+    # an output shaped like the first input keeps its data-dependent axes unless told otherwise
+    inherited = node.in_dynamic[0] if node.in_dynamic and node.in_shapes else {}
+    node.out_dynamic = [declared.get(i, inherited if s == node.in_shapes[0] else {}) if node.in_shapes else declared.get(i, {})
+                        for i, s in enumerate(node.out_shapes)]
+    if any(not 0 <= a < len(s) for d, s in zip(node.out_dynamic, node.out_shapes) for a in d):
+        raise GraftError(f"layer '{ls.name}' ({ls.type}): data-dependent axes {node.out_dynamic} do not fit outputs {node.out_shapes}")
     with layer_errors(ls.name, ls.type, "compute its learned blob shapes"):
         expected = [tuple(int(d) for d in s) for s in conv.weight_shapes(node, node.in_shapes)]
     bad = [s for s in expected if not s or any(d <= 0 for d in s) or math.prod(s) > MAX_VALUE_SIZE]
@@ -234,9 +245,8 @@ def build_graph(
         node = Node(name=ls.name, type=ls.type, inputs=[], outputs=list(ls.tops), spec=ls, converter=conv)
         node.in_shapes = [shapes[v] for v in ins]
         node.in_batch = [axes[v] for v in ins]
+        node.in_dynamic = [dynamic.get(v, {}) for v in ins]
         _shape_node(node, weights, weights_source)
-        with layer_errors(ls.name, ls.type, "name its data-dependent axes"):
-            dyn = {int(i): {int(a): str(s) for a, s in d.items()} for i, d in conv.dynamic_axes(node).items()}
         outs = []
         for i, (top, shape) in enumerate(zip(ls.tops, node.out_shapes)):
             if top in current:
@@ -252,8 +262,8 @@ def build_graph(
             writer[top] = f"layer '{ls.name}'"
             shapes[v] = shape
             axes[v] = node.out_batch[i]
-            if i in dyn:
-                dynamic[v] = dyn[i]
+            if node.out_dynamic[i]:
+                dynamic[v] = node.out_dynamic[i]
             outs.append(v)
         raw_nodes.append((node, ins, outs))
 

@@ -69,7 +69,7 @@ layer { name: "back" type: "Permute" bottom: "swap" top: "back" permute_param { 
 """
 
 
-def package(tmp_path, text: str, name: str = "net"):
+def package(tmp_path, text: str, name: str = "net", pre: dict | None = None):
     from convert import convert_model
     from convert.generate import generate_caffemodel
     from convert.weights import read_caffemodel
@@ -77,7 +77,7 @@ def package(tmp_path, text: str, name: str = "net"):
     proto = tmp_path / f"{name}.prototxt"
     proto.write_text(text)
     weights = generate_caffemodel(proto, tmp_path / f"{name}.caffemodel", seed=11)
-    pkg = convert_model(proto, weights, tmp_path / name, name, log=lambda _m: None)
+    pkg = convert_model(proto, weights, tmp_path / name, name, preprocess=pre, log=lambda _m: None)
     W = {n: [np.array(b) for b in lw.blobs] for n, lw in read_caffemodel(weights).layers.items()}
     return pkg, W
 
@@ -259,3 +259,58 @@ def test_alexnet_declaring_batch_10_converts_and_runs_any_batch(tmp_path, capsys
     together = sess.run(["prob"], {"data": x})[0]
     alone = np.concatenate([sess.run(["prob"], {"data": x[i:i + 1]})[0] for i in range(3)])
     assert_close(together, alone, "alexnet prob: batch 3 vs one by one", rtol=1e-5, atol=1e-7)
+
+
+DETECTIONS = """name: "dets"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 7 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 7 } }
+layer { name: "det" type: "FakeDetections" bottom: "fc" top: "det" }
+layer { name: "flat" type: "Flatten" bottom: "det" top: "flat" flatten_param { axis: 2 } }
+"""
+
+
+@pytest.fixture
+def fake_detections(monkeypatch):
+    """A DetectionOutput-like type: one [1, 1, K, 7] blob for the whole batch (keeps_batch
+    False), K data-dependent (dynamic_axes); here K is just the number of rows it is given."""
+    from convert import registry
+    from convert.layers._common import Lambda
+
+    class FakeDetections(registry.Converter):
+        types = ("FakeDetections",)
+
+        def keeps_batch(self, node):
+            return False
+
+        def dynamic_axes(self, node):
+            return {0: {2: "detections"}}
+
+        def infer(self, node, shapes):
+            return [(1, 1, shapes[0][0], 7)]
+
+        def onnx(self, node, b):
+            b.add("Reshape", [node.inputs[0], b.const(f"{node.name}/shape", [1, 1, -1, 7], dtype="int64")], node.outputs,
+                  name=node.name)
+
+        def torch(self, node):
+            return Lambda(lambda x: x.reshape(1, 1, -1, 7), "fake detections")
+
+    monkeypatch.setitem(registry._REGISTRY, "FakeDetections", FakeDetections())
+
+
+def test_keeps_batch_and_dynamic_axes_are_honoured(tmp_path, fake_detections):
+    pkg, W = package(tmp_path, DETECTIONS, pre=None)
+    det = pkg.blobs["det"]
+    assert det["shape"] == [1, 1, None, 7] and det["batch_axis"] is None
+    assert det["symbolic_shape"] == [1, 1, "detections", 7]
+    assert pkg.blobs["fc"]["shape"] == [None, 7]
+    sess = ort_session(pkg.onnx_path)
+    # a Flatten after it keeps the data-dependent size free (no batch axis: none to keep)
+    assert {o.name: o.shape for o in sess.get_outputs()} == {"flat": [1, 1, "7*detections"]}
+    assert pkg.blobs["flat"]["shape"] == [1, 1, None] and pkg.blobs["flat"]["batch_axis"] is None
+    x = normal()(np.random.default_rng(5), (3, 7))
+    onnx_out, torch_out = Runs(pkg)(x, ["det", "flat"])
+    ref = ip_ref(x, *W["fc"]).reshape(1, 1, 3, 7)
+    for v, r in {"det": ref, "flat": ref.reshape(1, 1, 21)}.items():
+        assert_close(r, onnx_out[v], f"{v}: onnx")
+        assert_close(r, torch_out[v], f"{v}: torch")

@@ -200,12 +200,33 @@ class _Reshapes(Converter):
         a = axes[0] if axes else None
         return [None if a is None else self._batch_out(node, a)]
 
+    def dynamic_axes(self, node):
+        """A data-dependent input axis (a number of detections) moves as the batch axis would;
+        its symbol is scaled when other axes merge into it."""
+        dyn = node.in_dynamic[0] if node.in_dynamic else {}
+        out = {}
+        for a, symbol in dyn.items():
+            b = self._batch_out(node, a)
+            ratio = node.out_shapes[0][b] // max(1, node.in_shapes[0][a])
+            out[b] = symbol if ratio == 1 else f"{ratio}*{symbol}"
+        return {0: out} if out else {}
+
     def _target(self, node) -> list[int]:
+        """Static dims; free axes (batch, data-dependent) copied (0) where they stay in place,
+        else -1, which ONNX allows once."""
         target = list(node.out_shapes[0])
-        b, a = node.out_batch[0], node.in_batch[0]
-        if b is not None:
-            same = a == b and node.in_shapes[0][a] == target[b]
-            target[b] = 0 if same else -1
+        free = {a: b for a, b in [(node.in_batch[0], node.out_batch[0])] if b is not None}
+        free.update({a: b for a, b in zip(node.in_dynamic[0] if node.in_dynamic else {}, node.out_dynamic[0])})
+        inferred = 0
+        for a, b in free.items():
+            if a == b and node.in_shapes[0][a] == target[b]:
+                target[b] = 0
+            else:
+                target[b] = -1
+                inferred += 1
+        if inferred > 1:
+            raise GraftError(f"layer '{node.name}': cannot reshape {node.in_shapes[0]} -> {node.out_shapes[0]} moving both the "
+                             "batch axis and a data-dependent axis")
         return target
 
     def onnx(self, node, b):
@@ -213,9 +234,13 @@ class _Reshapes(Converter):
               name=node.name)
 
     def torch(self, node):
-        target = [(-1 if d == 0 else d) for d in self._target(node)]
-        shape = tuple(target)
-        return Lambda(lambda x: x.reshape(shape), f"-> {tuple(node.out_shapes[0])}, batch axis {node.out_batch[0]}")
+        target = self._target(node)
+        copied = [i for i, d in enumerate(target) if d == 0]
+
+        def reshape(x):  # 0 copies the input's dim at that position, as in ONNX
+            return x.reshape([x.shape[i] if i in copied else d for i, d in enumerate(target)])
+
+        return Lambda(reshape, f"-> {tuple(node.out_shapes[0])}, batch axis {node.out_batch[0]}")
 
 
 def _flatten_span(node, rank: int) -> tuple[int, int]:
