@@ -174,6 +174,23 @@ def _check_weights(node: Node, expected: list[Shape], weights: Mapping[str, list
     node.weights = [np.asarray(a).reshape(exp) for a, exp in zip(found, expected)]
 
 
+def _place_free_axes(node: Node) -> None:
+    """The outputs' batch axes and data-dependent axes, from the inputs' and the converter."""
+    ls, conv = node.spec, node.converter
+    with layer_errors(ls.name, ls.type, "place the batch axis"):
+        node.out_batch = [None if a is None else int(a) for a in conv.batch_axes(node, node.in_batch)]
+    if len(node.out_batch) != len(node.out_shapes) or any(
+            a is not None and not 0 <= a < len(s) for a, s in zip(node.out_batch, node.out_shapes)):
+        raise GraftError(f"layer '{ls.name}' ({ls.type}): batch axes {node.out_batch} do not fit outputs {node.out_shapes}")
+    with layer_errors(ls.name, ls.type, "name its data-dependent axes"):
+        declared = {int(i): {int(a): str(v) for a, v in d.items()} for i, d in conv.dynamic_axes(node).items()}
+    # an output shaped like the first input keeps its data-dependent axes unless told otherwise
+    first = (node.in_shapes[0], node.in_dynamic[0]) if node.in_shapes and node.in_dynamic else (None, {})
+    node.out_dynamic = [declared.get(i, first[1] if s == first[0] else {}) for i, s in enumerate(node.out_shapes)]
+    if any(not 0 <= a < len(s) for d, s in zip(node.out_dynamic, node.out_shapes) for a in d):
+        raise GraftError(f"layer '{ls.name}' ({ls.type}): data-dependent axes {node.out_dynamic} do not fit outputs {node.out_shapes}")
+
+
 def _shape_node(node: Node, weights: Mapping[str, list[np.ndarray]] | None, source: str) -> None:
     """Output shapes, batch axes and learned blobs of one layer (its inputs already known)."""
     ls, conv = node.spec, node.converter
@@ -186,19 +203,7 @@ def _shape_node(node: Node, weights: Mapping[str, list[np.ndarray]] | None, sour
     big = [s for s in node.out_shapes if math.prod(s) > MAX_VALUE_SIZE]
     if big:
         raise GraftError(f"layer '{ls.name}' ({ls.type}): output shape {big[0]} holds {math.prod(big[0]):,} values; too large")
-    with layer_errors(ls.name, ls.type, "place the batch axis"):
-        node.out_batch = [None if a is None else int(a) for a in conv.batch_axes(node, node.in_batch)]
-    if len(node.out_batch) != len(node.out_shapes) or any(
-            a is not None and not 0 <= a < len(s) for a, s in zip(node.out_batch, node.out_shapes)):
-        raise GraftError(f"layer '{ls.name}' ({ls.type}): batch axes {node.out_batch} do not fit outputs {node.out_shapes}")
-    with layer_errors(ls.name, ls.type, "name its data-dependent axes"):
-        declared = {int(i): {int(a): str(v) for a, v in d.items()} for i, d in conv.dynamic_axes(node).items()}
-    # an output shaped like the first input keeps its data-dependent axes unless told otherwise
-    inherited = node.in_dynamic[0] if node.in_dynamic and node.in_shapes else {}
-    node.out_dynamic = [declared.get(i, inherited if s == node.in_shapes[0] else {}) if node.in_shapes else declared.get(i, {})
-                        for i, s in enumerate(node.out_shapes)]
-    if any(not 0 <= a < len(s) for d, s in zip(node.out_dynamic, node.out_shapes) for a in d):
-        raise GraftError(f"layer '{ls.name}' ({ls.type}): data-dependent axes {node.out_dynamic} do not fit outputs {node.out_shapes}")
+    _place_free_axes(node)
     with layer_errors(ls.name, ls.type, "compute its learned blob shapes"):
         expected = [tuple(int(d) for d in s) for s in conv.weight_shapes(node, node.in_shapes)]
     bad = [s for s in expected if not s or any(d <= 0 for d in s) or math.prod(s) > MAX_VALUE_SIZE]
