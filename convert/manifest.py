@@ -1,7 +1,8 @@
 """The package's ``manifest.json``: written from the graph, read back by ``inspect`` alone.
 
 Shapes are Caffe's, with ``None`` where the size is not fixed: the batch axis (and axes whose
-size depends on the data, such as a number of detections). ``symbolic_shape`` names those
+size depends on the data, such as a number of detections). ``batch_axis`` is recorded where
+it is not axis 0 (``None``: the value does not grow with the batch). ``symbolic_shape`` names those
 axes as the ONNX model does: ``N`` for a batch of N images, ``N/8`` where the graph regroups
 its batch into clips of 8.
 """
@@ -30,8 +31,9 @@ def plain_shape(graph: Graph, value: str) -> list:
 
 def blob_entry(graph: Graph, value: str, producing: dict) -> dict:
     info = graph.values.get(value, {})
-    entry = {"shape": plain_shape(graph, value), "layer": info.get("layer"), "kind": info.get("kind"),
-             "batch_axis": graph.batch_axes.get(value)}
+    entry = {"shape": plain_shape(graph, value), "layer": info.get("layer"), "kind": info.get("kind")}
+    if graph.batch_axes.get(value) != 0:  # absent: axis 0, as in packages written before it was recorded
+        entry["batch_axis"] = graph.batch_axes.get(value)
     sym = symbolic_shape(graph, value)
     if any(not isinstance(d, int) for d in sym):
         entry["symbolic_shape"] = sym
