@@ -2,7 +2,8 @@
 
 Shapes are Caffe's, with ``None`` where the size is not fixed: the batch axis (and axes whose
 size depends on the data, such as a number of detections). ``batch_axis`` is recorded where
-it is not axis 0 (``None``: the value does not grow with the batch). ``symbolic_shape`` names those
+it is not axis 0 (``None``: the value does not grow with the batch), ``symbolic_shape`` where
+a ``None`` is not simply ``N``. ``symbolic_shape`` names those
 axes as the ONNX model does: ``N`` for a batch of N images, ``N/8`` where the graph regroups
 its batch into clips of 8.
 """
@@ -35,7 +36,7 @@ def blob_entry(graph: Graph, value: str, producing: dict) -> dict:
     if graph.batch_axes.get(value) != 0:  # absent: axis 0, as in packages written before it was recorded
         entry["batch_axis"] = graph.batch_axes.get(value)
     sym = symbolic_shape(graph, value)
-    if any(not isinstance(d, int) for d in sym):
+    if sym != ["N" if d is None else d for d in entry["shape"]]:  # absent: each None is N
         entry["symbolic_shape"] = sym
     if value in producing:
         entry["type"] = producing[value].type
