@@ -223,3 +223,27 @@ def test_extract_refuses_a_multi_input_package(tmp_path):
     _, _, pkg = make_package(tmp_path, TWO_INPUTS)
     with pytest.raises(ValueError, match="takes 2 inputs"):
         extract(pkg.dir, ["sum"], pd.DataFrame({"path": ["x.jpg"]}), cache=tmp_path / "cache", progress=False)
+
+
+IN_PLACE_ON_INPUT = """name: "bn_on_data"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 5 dim: 5 } } }
+layer { name: "data/bn" type: "BatchNorm" bottom: "data" top: "data" }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 2 kernel_size: 3 } }
+"""
+
+
+def test_an_input_overwritten_in_place_is_fed_under_its_value_name(tmp_path):
+    """shufflenet_v2 and wechat_qrcode_detect normalise ``data`` in place: the fed value is
+    ``data/pre_data/bn``, and ``data`` is Caffe's final (normalised) blob."""
+    from test_convert_layers import bn_ref
+
+    _, weights, pkg = make_package(tmp_path, IN_PLACE_ON_INPUT)
+    assert pkg.input_name == "data/pre_data/bn" and pkg.manifest["input"]["blob"] == "data"
+    assert pkg.blobs["data"]["layer"] == "data/bn" and pkg.blobs["data/pre_data/bn"]["kind"] == "input"
+    W = blobs_of(weights)
+    x = normal()(np.random.default_rng(4), (2, 3, 5, 5))
+    ref = {"data": bn_ref(x, W["data/bn"]), "conv": conv_ref(bn_ref(x, W["data/bn"]), *W["conv"])}
+    got_onnx, got_torch = run_both(pkg, {"data/pre_data/bn": x}, list(ref))
+    for v, r in ref.items():
+        assert_close(r, got_onnx[v], f"{v}: onnx vs numpy")
+        assert_close(r, got_torch[v], f"{v}: torch vs numpy")
