@@ -29,19 +29,48 @@ def register(sub) -> None:
     p.add_argument("--out", help="package folder (default artifacts/models/<name>)")
     p.add_argument("--classes", help="class names file, one per line (line i = class i)")
     p.add_argument("--input-size", help="override the net's input H[,W] (fully convolutional nets)")
+    p.add_argument("--outputs", metavar="BLOB[,BLOB]",
+                   help="keep only the layers these blobs need (the rest, supported or not, is left out and listed)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check (not recommended)")
     add_preprocess_args(p)
-    p.set_defaults(func=run_convert)
+    p.set_defaults(func=_never_a_traceback(run_convert))
 
     q = sub.add_parser("inspect", help="show a package: layers, blobs, shapes, parameters, preprocessing, verification")
     q.add_argument("model", help="package name under artifacts/models/ or a package folder")
     q.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    q.set_defaults(func=run_inspect)
+    q.set_defaults(func=_never_a_traceback(run_inspect))
+
+
+def _never_a_traceback(run):
+    """``convert``/``inspect`` report every failure as one line: a converter's or a runtime's
+    unexpected exception becomes a GraftError (set GRAFT_TRACEBACK=1 to see the traceback)."""
+    import functools
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        import os
+
+        try:
+            return run(args)
+        except (GraftError, KeyboardInterrupt, BrokenPipeError):
+            raise
+        except MemoryError:
+            raise GraftError("out of memory (is an input or a layer parameter implausibly large?)") from None
+        except OSError as err:
+            where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+            raise GraftError(f"{where}{err.strerror or err}") from None
+        except Exception as err:
+            if os.environ.get("GRAFT_TRACEBACK"):
+                raise
+            detail = " ".join(str(err).split())[:400]
+            raise GraftError(f"internal error ({type(err).__name__}: {detail}); rerun with GRAFT_TRACEBACK=1 and report it") from None
+
+    return wrapped
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .package import convert_model
-    from .parse import net_spec, read_prototxt
+    from .ir import main_input
+    from .package import convert_model, input_shapes, read_spec
     from .preprocess import build_preprocess, parse_size
     from .presets import get_preset
 
@@ -51,21 +80,16 @@ def run_convert(args: argparse.Namespace) -> int:
     if preset and args.prototxt:
         raise GraftError("give --prototxt or --preset, not both")
     if not Path(args.caffemodel).is_file():
-        raise GraftError(f"{args.caffemodel}: no such file")
-    if preset:
-        from google.protobuf import text_format
-
-        from .proto import pb
-
-        net = pb.NetParameter()
-        text_format.Parse(preset.prototxt, net)
-        spec = net_spec(net, source=f"preset {preset.name}")
-    else:
-        spec = net_spec(read_prototxt(args.prototxt), source=args.prototxt)
-    shape = list(next(iter(spec.inputs.values())))
+        what = "is a directory, expected a .caffemodel file" if Path(args.caffemodel).is_dir() else "no such file"
+        raise GraftError(f"{args.caffemodel}: {what}")
+    outputs = [o for o in (args.outputs or "").split(",") if o.strip()] or None
+    if args.outputs is not None and not outputs:
+        raise GraftError("--outputs: no blob names given")
+    source = preset.name if preset else args.prototxt
+    spec = read_spec(source, preset.prototxt if preset else None, outputs)
     input_size = parse_size(args.input_size, "--input-size")
-    if input_size and len(shape) == 4:
-        shape = shape[:2] + input_size
+    shapes = input_shapes(spec, input_size)
+    shape = shapes[main_input(shapes)]
     pre, mean_img = (None, None)
     if len(shape) == 4:
         pre, mean_img = build_preprocess(
@@ -76,12 +100,12 @@ def run_convert(args: argparse.Namespace) -> int:
         path = Path(args.classes)
         if not path.is_file():
             raise GraftError(f"{path}: no such file")
-        classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        classes = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     name = args.name or (preset.name if preset else Path(args.prototxt).stem)
     pkg = convert_model(
-        args.prototxt or (preset.name if preset else None), args.caffemodel, args.out, name,
+        source, args.caffemodel, args.out, name,
         preprocess=pre, mean_image=mean_img, classes=classes, input_size=input_size,
-        prototxt_text=preset.prototxt if preset else None, verify=not args.no_verify)
+        prototxt_text=preset.prototxt if preset else None, outputs=outputs, verify=not args.no_verify)
     m = pkg.manifest
     if classes and m["outputs"]:
         n_out = m["blobs"][m["outputs"][-1]]["shape"][-1]
@@ -89,7 +113,10 @@ def run_convert(args: argparse.Namespace) -> int:
             print(f"warning: {len(classes)} class names but output '{m['outputs'][-1]}' has {n_out} values")
     v = m["verification"]
     check = "skipped" if v.get("skipped") else f"{len(v['blobs'])} blobs agree (onnxruntime vs torch)"
-    print(f"converted {name}: {m['params']['total']:,} parameters, {len(m['layers'])} layers, verification {check}, "
+    if v.get("adjudicated"):
+        check += f", {len(v['adjudicated'])} after float64 adjudication"
+    left = f", {len(m['left_out'])} layers left out (--outputs)" if m.get("left_out") else ""
+    print(f"converted {name}: {m['params']['total']:,} parameters, {len(m['layers'])} layers{left}, verification {check}, "
           f"{m['timings_s']['total']:.1f} s -> {pkg.dir}")
     return 0
 
@@ -100,5 +127,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .package import load_package
 
     pkg = load_package(args.model)
-    print(json.dumps(pkg.manifest, indent=1) if args.json else pkg.summary())
+    if args.json:
+        print(json.dumps(pkg.manifest, indent=1))
+        return 0
+    try:
+        text = pkg.summary()
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        raise GraftError(f"{pkg.dir / 'manifest.json'}: incomplete or damaged manifest ({type(err).__name__}: {err})") from None
+    print(text)
     return 0

@@ -14,10 +14,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .ir import Graph, Node
+from .ir import Graph, Node, layer_errors
 
 OPSET = 17
-BATCH = "N"
 
 
 class OnnxBuilder:
@@ -79,11 +78,16 @@ class OnnxBuilder:
         return name
 
 
-def _value_info(name: str, shape: tuple[int, ...], batch_dynamic: bool) -> onnx.ValueInfoProto:
-    dims: list = list(shape)
-    if batch_dynamic and dims:
-        dims[0] = BATCH
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+def value_dims(graph: Graph, value: str) -> list:
+    """ONNX dims of a value: static, except its batch axis (``N``, or ``N/8`` where the graph
+    regroups its batch) and data-dependent axes (the converter's symbol)."""
+    dims: list = list(graph.shapes[value])
+    for axis, symbol in graph.dynamic.get(value, {}).items():
+        dims[axis] = symbol
+    a = graph.batch_axes.get(value)
+    if a is not None:
+        dims[a] = graph.batch_symbol(value)
+    return dims
 
 
 def emit_onnx(
@@ -99,34 +103,16 @@ def emit_onnx(
         for o in node.outputs:
             b._names.add(o)
     for node in graph.nodes:
-        node.converter.onnx(node, b)
-    outs = outputs or graph.outputs
-    batch = {n: s[0] for n, s in graph.inputs.items()}
-    batch_size = next(iter(batch.values())) if batch else 1
-    dynamic = batch_size == 1  # a declared batch of 1 is a placeholder: export N
+        with layer_errors(node.name, node.type, "emit ONNX"):
+            node.converter.onnx(node, b)
+    info = lambda v: helper.make_tensor_value_info(v, TensorProto.FLOAT, value_dims(graph, v))  # noqa: E731
     model_graph = helper.make_graph(
         b.nodes,
         graph.name or "caffe_net",
-        [_value_info(n, s, dynamic) for n, s in graph.inputs.items()],
-        [_value_info(o, graph.shapes[o], dynamic and _batch_first(graph, o)) for o in outs],
+        [info(n) for n in graph.inputs],
+        [info(o) for o in (outputs or graph.outputs)],
         initializer=b.initializers,
     )
     model = helper.make_model(model_graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="graft")
     model.ir_version = 8
     return model
-
-
-def _batch_first(graph: Graph, value: str) -> bool:
-    """Whether axis 0 of ``value`` is the batch axis (not after a Permute moving it)."""
-    producer = {o: n for n in graph.nodes for o in n.outputs}
-    seen = value
-    while seen in producer:
-        node = producer[seen]
-        if node.type == "Permute":
-            order = list(node.param("permute_param").order)
-            if order and order[0] != 0:
-                return False
-        if not node.inputs:
-            break
-        seen = node.inputs[0]
-    return True

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .ir import Graph
+from .ir import Graph, layer_errors
 
 
 class CaffeNet(nn.Module):
@@ -29,9 +29,12 @@ class CaffeNet(nn.Module):
         self.value_names: list[str] = list(graph.shapes)
         self.layers = nn.ModuleDict()
         self._plan: list[tuple[str, list[str], list[str]]] = []
+        self._types: dict[str, str] = {}
         for node in graph.nodes:
-            self.layers[node.name] = node.converter.torch(node)
+            with layer_errors(node.name, node.type, "build its torch module"):
+                self.layers[node.name] = node.converter.torch(node)
             self._plan.append((node.name, list(node.inputs), list(node.outputs)))
+            self._types[node.name] = node.type
 
     def forward(self, *inputs: torch.Tensor, blobs: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         if len(inputs) != len(self.input_names):
@@ -46,7 +49,11 @@ class CaffeNet(nn.Module):
         for step, (name, ins, outs) in enumerate(self._plan):
             if not remaining:
                 break
-            result = self.layers[name](*[env[i] for i in ins])
+            try:
+                result = self.layers[name](*[env[i] for i in ins])
+            except Exception as err:  # keep the type; say where (verification reports it)
+                err.add_note(f"in layer '{name}' ({self._types.get(name, '?')})")
+                raise
             if isinstance(result, torch.Tensor):
                 result = (result,)
             for o, r in zip(outs, result):

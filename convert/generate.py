@@ -144,17 +144,26 @@ def generate_caffemodel(
     layout: str = "V2",
     seed: int = 0,
     input_size: Sequence[int] | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> Path:
     """Write ``out`` (atomically) with random weights shaped as ``prototxt`` requires.
 
-    ``input_size`` (H, W) replaces the declared spatial size of the (first) input, as
+    ``outputs`` generates only for the layers those blobs need (as ``convert --outputs``).
+
+    ``input_size`` (H, W) replaces the declared spatial size of the image input, as
     ``convert --input-size`` does: a VGG-class net at 32x32 has a small fc6, for quick tests.
     """
     spec = load_net_spec(prototxt)
+    if outputs:
+        from .prune import prune
+
+        spec = prune(spec, outputs, source=str(prototxt))
     shapes = None
     if input_size:
-        name, declared = next(iter(spec.inputs.items()))
-        shapes = {name: list(declared[:2]) + [int(d) for d in input_size]}
+        from .ir import main_input
+
+        name = main_input(spec.inputs)
+        shapes = {name: list(spec.inputs[name][:2]) + [int(d) for d in input_size]}
     graph = build_graph(spec, None, input_shapes=shapes)
     rng = np.random.default_rng(seed)
 
@@ -173,10 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layout", default="V2", choices=["V1", "V2"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-size", default=None, help="H[,W]: generate for this input size instead of the declared one")
+    p.add_argument("--outputs", default=None, help="BLOB[,BLOB]: only the layers these blobs need")
     a = p.parse_args(argv)
     from .preprocess import parse_size
 
-    path = generate_caffemodel(a.prototxt, a.out, a.layout, a.seed, parse_size(a.input_size, "--input-size"))
+    outputs = [o for o in (a.outputs or "").split(",") if o.strip()] or None
+    path = generate_caffemodel(a.prototxt, a.out, a.layout, a.seed, parse_size(a.input_size, "--input-size"), outputs)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

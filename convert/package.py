@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from .errors import GraftError
+from .manifest import FORMAT, Sources, build_manifest, format_summary
 from .store import WEIGHTS_FILE, group_by_layer, write_safetensors
 
-FORMAT = "graft-model/1"
+__all__ = ["FORMAT", "DEFAULT_ROOT", "ModelPackage", "convert_model", "load_package", "load_torch", "sha256_file"]
 DEFAULT_ROOT = Path("artifacts") / "models"
 
 
@@ -50,14 +51,23 @@ class ModelPackage:
 
     def __init__(self, path: str | Path):
         self.dir = resolve_model_dir(path)
+        where = self.dir / "manifest.json"
         try:
-            self.manifest: dict = json.loads((self.dir / "manifest.json").read_text())
-        except json.JSONDecodeError as err:
-            raise GraftError(f"{self.dir / 'manifest.json'}: not valid JSON ({err})") from None
+            self.manifest: dict = json.loads(where.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise GraftError(f"{where}: not valid JSON ({err})") from None
+        except OSError as err:
+            raise GraftError(f"{where}: cannot read ({err.strerror or err})") from None
+        if not isinstance(self.manifest, dict):
+            raise GraftError(f"{where}: not a graft manifest (a JSON {type(self.manifest).__name__}, not an object)")
         if self.manifest.get("format") != FORMAT:
             raise GraftError(f"{self.dir}: unknown package format {self.manifest.get('format')!r} (expected {FORMAT})")
 
     name = property(lambda self: self.manifest["name"])
+    #: every input: ONNX input name -> {"blob", "shape" (None: batch axis), "image"}
+    inputs = property(lambda self: self.manifest.get("inputs") or {self.input_name: {"shape": self.input_shape, "image": True}})
+    #: batches must be a multiple of this (1 unless the graph regroups its batch, TSM: 8)
+    batch_multiple = property(lambda self: int((self.manifest.get("batch") or {}).get("multiple", 1)))
     preprocess = property(lambda self: self.manifest.get("preprocess"))
     blobs = property(lambda self: self.manifest["blobs"])
     outputs = property(lambda self: list(self.manifest["outputs"]))
@@ -93,7 +103,8 @@ class ModelPackage:
         model = onnx.load(str(self.onnx_path), load_external_data=False)
         del model.graph.output[:]
         for b in blobs:
-            shape = ["N" if (d is None) else d for d in self.blobs[b]["shape"]]
+            info = self.blobs[b]
+            shape = info.get("symbolic_shape") or ["N" if (d is None) else d for d in info["shape"]]
             model.graph.output.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, shape))
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
@@ -112,7 +123,11 @@ def load_package(name_or_dir: str | Path) -> ModelPackage:
 
 
 def load_torch(pkg: str | Path | ModelPackage):
-    """The package's torch module (``CaffeNet``), built from deploy.prototxt + weights.safetensors."""
+    """The package's torch module (``CaffeNet``), built from deploy.prototxt + weights.safetensors.
+
+    It runs any batch the package accepts (``pkg.batch_multiple``): the graph is rebuilt at
+    the declared batch, whose batch axes the modules leave free.
+    """
     from .emit_torch import emit_torch
     from .ir import build_graph
     from .parse import load_net_spec
@@ -121,16 +136,71 @@ def load_torch(pkg: str | Path | ModelPackage):
     pkg = pkg if isinstance(pkg, ModelPackage) else ModelPackage(pkg)
     spec = load_net_spec(pkg.dir / "deploy.prototxt")
     weights = group_by_layer(read_safetensors(pkg.dir / WEIGHTS_FILE))
-    shape = pkg.input_shape
-    graph = build_graph(spec, weights, weights_source=WEIGHTS_FILE,
-                        input_shapes={pkg.input_name: [1 if shape[0] is None else shape[0]] + shape[1:]})
+    # None dims keep deploy.prototxt's (the declared batch); older packages recorded only
+    # the input size there, not in deploy.prototxt
+    shapes = {info.get("blob", name): info["shape"] for name, info in pkg.inputs.items()}
+    graph = build_graph(spec, weights, weights_source=WEIGHTS_FILE, input_shapes=shapes)
     net = emit_torch(graph)
     net.package = pkg
     return net
 
 
-def _source(path: Path, generation: str) -> dict:
-    return {"path": str(path), "sha256": sha256_file(path), "generation": generation}
+def read_spec(prototxt: str | Path, prototxt_text: str | None = None, outputs: Sequence[str] | None = None):
+    """The deploy net to convert: from the file (or a preset's text), cut to ``outputs`` if given."""
+    from .parse import net_spec, read_prototxt
+    from .prune import prune
+
+    if prototxt_text is not None:
+        from google.protobuf import text_format
+
+        from .proto import pb
+
+        net = pb.NetParameter()
+        text_format.Parse(prototxt_text, net)
+        spec = net_spec(net, source=f"preset {prototxt}")
+    else:
+        spec = net_spec(read_prototxt(prototxt), source=str(prototxt))
+    return prune(spec, outputs, source=str(prototxt)) if outputs else spec
+
+
+def input_shapes(spec, input_size: Sequence[int] | None) -> dict[str, list[int]]:
+    """Declared input shapes, the image input's H, W replaced by ``input_size``."""
+    from .ir import main_input
+
+    shapes = {n: list(s) for n, s in spec.inputs.items()}
+    if input_size:
+        main = main_input(shapes)
+        if len(shapes[main]) != 4:
+            raise GraftError(f"--input-size needs a 4-D input; '{main}' is {shapes[main]}")
+        shapes[main] = shapes[main][:2] + [int(d) for d in input_size]
+    return shapes
+
+
+def _check_destination(out: Path) -> None:
+    """Only a model package (or an empty folder) may be replaced."""
+    if out.is_file() or out.is_symlink() and not out.is_dir():
+        raise GraftError(f"{out}: exists and is a file, not a model package folder")
+    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise GraftError(f"{out}: exists and is not a model package (no manifest.json); choose another --out")
+
+
+def verification_feeds(graph, preprocess: dict | None, mean_image: np.ndarray | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two images (two groups where the graph regroups its batch) per batch-carrying input: the
+    image input as preprocessed 0..255 pixels, other inputs standard normal."""
+    from .preprocess import random_inputs
+
+    n = 2 * graph.batch_multiple
+    rng = np.random.default_rng(seed + 1)
+    feeds = {}
+    for name, declared in graph.inputs.items():
+        shape = list(declared)
+        if graph.batch_axes.get(name) is not None:
+            shape[0] = n * shape[0] // graph.batch
+        if name == graph.main_input and len(shape) == 4:
+            feeds[name] = random_inputs(shape, preprocess or {}, mean_image, seed)
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
 
 
 def convert_model(
@@ -144,6 +214,7 @@ def convert_model(
     classes: list[str] | None = None,
     input_size: list[int] | None = None,
     prototxt_text: str | None = None,
+    outputs: Sequence[str] | None = None,
     verify: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
@@ -151,94 +222,58 @@ def convert_model(
 ) -> ModelPackage:
     """Convert a Caffe model into a verified package; returns the opened package.
 
-    ``preprocess`` is the manifest's preprocessing dict (see ``convert.preprocess``); when
-    None, Caffe's defaults for the input are recorded (BGR, no mean, squash to input size).
-    ``prototxt_text`` replaces the prototxt file (presets).
+    ``preprocess`` is the manifest's preprocessing dict (see ``convert.preprocess``) for the
+    image input (the first 4-D input); when None, Caffe's defaults for it are recorded (BGR,
+    no mean, squash to input size). ``prototxt_text`` replaces the prototxt file (presets).
+    ``outputs`` keeps only the layers those blobs need (``convert --outputs``).
     """
-    from .emit_onnx import emit_onnx
-    from .emit_torch import emit_torch
-    from .ir import build_graph
-    from .parse import net_spec, read_prototxt, to_v2_prototxt
-    from .preprocess import build_preprocess, random_inputs
-    from .verify import ATOL, RTOL, verify_package
+    from .ir import build_graph, main_input
+    from .preprocess import build_preprocess
     from .weights import read_caffemodel
 
     t0 = time.perf_counter()
     caffemodel = Path(caffemodel)
-    if prototxt_text is not None:
-        from google.protobuf import text_format
-
-        from .proto import pb
-
-        net = pb.NetParameter()
-        text_format.Parse(prototxt_text, net)
-        spec = net_spec(net, source=str(prototxt))
-    else:
-        spec = net_spec(read_prototxt(prototxt), source=str(prototxt))
+    spec = read_spec(prototxt, prototxt_text, outputs)
     name = name or (Path(prototxt).stem if prototxt_text is None else str(prototxt))
     out = Path(out) if out else DEFAULT_ROOT / name
-    input_name, declared = next(iter(spec.inputs.items()))
-    if len(spec.inputs) > 1:
-        raise GraftError(f"{prototxt}: nets with several inputs ({', '.join(spec.inputs)}) are not supported yet")
-    shape = list(declared)
-    if input_size:
-        if len(shape) != 4:
-            raise GraftError(f"--input-size needs a 4-D input; '{input_name}' is {shape}")
-        shape = shape[:2] + list(input_size)
+    _check_destination(out)
+    shapes = input_shapes(spec, input_size)
+    shape = shapes[main_input(shapes)]
+    if preprocess is not None and preprocess.get("input_size") not in (None, shape[2:]):
+        raise GraftError(f"preprocessing is for {preprocess['input_size']} inputs, the net takes {shape[2:]}")
     model = read_caffemodel(caffemodel)
     # hashing the source (0.3 s for 580 MB) releases the GIL: overlap it with emit and verify
     hasher = ThreadPoolExecutor(1, thread_name_prefix="graft-sha256")
     source_sha = hasher.submit(model.sha256)
     try:
         graph = build_graph(spec, {n: lw.blobs for n, lw in model.layers.items()},
-                            weights_source=str(caffemodel), input_shapes={input_name: shape})
+                            weights_source=str(caffemodel), input_shapes=shapes)
         if preprocess is None and len(shape) == 4:
             preprocess, mean_image = build_preprocess(shape)
-        elif preprocess is not None and preprocess.get("input_size") not in (None, shape[2:]):
-            raise GraftError(f"preprocessing is for {preprocess['input_size']} inputs, the net takes {shape[2:]}")
-        t_parse = time.perf_counter()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        timings = {"parse": time.perf_counter() - t0}
         try:
-            arrays = {f"{n.name}.{i}": w for n in graph.nodes for i, w in enumerate(n.weights)}
-            spans, weights_sha = write_safetensors(tmp / WEIGHTS_FILE, arrays, metadata={"format": FORMAT, "layout": "caffe"})
-            refs = {k: (WEIGHTS_FILE, off, n) for k, (off, n) in spans.items()}
-            onnx_model = emit_onnx(graph, refs)
-            import onnx
-
-            onnx.save(onnx_model, str(tmp / "model.onnx"))
-            (tmp / "deploy.prototxt").write_text(to_v2_prototxt(spec))
-            if mean_image is not None:
-                np.save(tmp / "mean.npy", mean_image.astype(np.float32))
-            if classes:
-                (tmp / "classes.txt").write_text("\n".join(classes) + "\n")
-            t_emit = time.perf_counter()
-            report: dict[str, Any] = {"passed": None, "skipped": True}
-            if verify:
-                from .layers._common import shared_weights
-
-                with shared_weights():  # a throw-away net over the mapped caffemodel: no copy
-                    net = emit_torch(graph)
-                batch = [1] + shape[1:]
-                x = random_inputs(batch, preprocess or {}, mean_image)
-                report = verify_package(graph, onnx_model, tmp, net, x, atol or ATOL, rtol or RTOL)
-                del net
-                if not report["passed"]:
-                    worst = max(report["failed"], key=lambda v: report["blobs"][v]["max_rel"])
-                    s = report["blobs"][worst]
-                    raise GraftError(
-                        f"verification failed: onnxruntime and torch disagree on {len(report['failed'])} blob(s), worst "
-                        f"'{worst}' (max abs {s['max_abs']:.3g}, rel {s['max_rel']:.3g}); package not written")
-            t_verify = time.perf_counter()
-            manifest = _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, shape, preprocess,
-                                 classes, report, weights_sha, source_sha.result())
-            manifest["timings_s"] = {"parse": round(t_parse - t0, 3), "emit": round(t_emit - t_parse, 3),
-                                     "verify": round(t_verify - t_emit, 3), "total": round(time.perf_counter() - t0, 3)}
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise GraftError(f"{out}: cannot create the package folder ({err.strerror or err})") from None
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            weights_sha, report = _write_files(tmp, spec, graph, shapes, mean_image, classes, preprocess, timings,
+                                               verify=verify, atol=atol, rtol=rtol)
+            src = Sources(prototxt=str(prototxt), prototxt_text=prototxt_text,
+                          prototxt_sha=None if prototxt_text is not None else sha256_file(Path(prototxt)),
+                          caffemodel=str(caffemodel), caffemodel_sha=source_sha.result(),
+                          caffemodel_generation=model.generation, caffemodel_precision=model.precision())
+            manifest = build_manifest(name, spec, graph, src, preprocess, classes, report, weights_sha)
+            timings["total"] = time.perf_counter() - t0
+            manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _replace_dir(tmp, out)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise GraftError(f"{out}: cannot write the package ({err.strerror or err})") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -250,6 +285,44 @@ def convert_model(
     return ModelPackage(out)
 
 
+def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess, timings: dict, *,
+                 verify: bool, atol: float | None, rtol: float | None) -> tuple[str, dict]:
+    """weights, model.onnx, deploy.prototxt, mean and classes into ``tmp``, then verification;
+    returns the weights' sha256 and the verification report."""
+    import onnx
+
+    from .emit_onnx import emit_onnx
+    from .emit_torch import emit_torch
+    from .parse import to_v2_prototxt
+    from .verify import ATOL, RTOL, verify_package
+
+    t = time.perf_counter()
+    arrays = {f"{n.name}.{i}": w for n in graph.nodes for i, w in enumerate(n.weights)}
+    spans, weights_sha = write_safetensors(tmp / WEIGHTS_FILE, arrays, metadata={"format": FORMAT, "layout": "caffe"})
+    refs = {k: (WEIGHTS_FILE, off, n) for k, (off, n) in spans.items()}
+    onnx_model = emit_onnx(graph, refs)
+    onnx.save(onnx_model, str(tmp / "model.onnx"))
+    (tmp / "deploy.prototxt").write_text(to_v2_prototxt(spec, shapes))
+    if mean_image is not None:
+        np.save(tmp / "mean.npy", mean_image.astype(np.float32))
+    if classes:
+        (tmp / "classes.txt").write_text("\n".join(classes) + "\n")
+    timings["emit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report: dict[str, Any] = {"passed": None, "skipped": True}
+    if verify:
+        from .layers._common import shared_weights
+
+        with shared_weights():  # a throw-away net over the mapped caffemodel: no copy
+            net = emit_torch(graph)
+        feeds = verification_feeds(graph, preprocess, mean_image)
+        report = verify_package(graph, onnx_model, tmp, net, feeds, ATOL if atol is None else atol,
+                                RTOL if rtol is None else rtol)
+        del net
+    timings["verify"] = time.perf_counter() - t
+    return weights_sha, report
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move a finished package into place; an old package is swapped out, then removed."""
     old = None
@@ -259,97 +332,3 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _manifest(name, spec, graph, model, prototxt, caffemodel, prototxt_text, shape, preprocess, classes, report, weights_sha,
-              caffemodel_sha) -> dict:
-    from . import __version__
-    from .parse import unknown_field_notes
-
-    # the prototxt's fields graft does not know (warned about on stderr when it was read)
-    unknown = unknown_field_notes(prototxt_text if prototxt_text is not None else Path(prototxt).read_text("utf-8", "replace"))
-    batch_dynamic = shape[0] == 1
-
-    def dims(s):
-        s = list(s)
-        return [None] + s[1:] if batch_dynamic and s else s
-
-    producing = {o: n for n in graph.nodes for o in n.outputs}
-    blobs = {}
-    for v, s in graph.shapes.items():
-        info = graph.values.get(v, {})
-        blobs[v] = {"shape": dims(s), "layer": info.get("layer"), "kind": info.get("kind")}
-        if v in producing:
-            blobs[v]["type"] = producing[v].type
-    if prototxt_text is not None:
-        psrc = {"preset": str(prototxt), "sha256": hashlib.sha256(prototxt_text.encode()).hexdigest(), "generation": spec.generation}
-    else:
-        psrc = _source(Path(prototxt), spec.generation)
-    layers = [{"name": n.name, "type": n.type, "bottoms": n.inputs, "tops": n.outputs,
-               "params": int(sum(w.size for w in n.weights))} for n in graph.nodes]
-    return {
-        "format": FORMAT,
-        "graft_version": __version__,
-        "name": name,
-        "weights_sha256": weights_sha,
-        "source": {"prototxt": psrc, "caffemodel": {"path": str(caffemodel), "sha256": caffemodel_sha,
-                                                    "generation": model.generation, **model.precision()}},
-        "input": {"name": next(iter(graph.inputs)), "shape": dims(shape)},
-        "outputs": graph.outputs,
-        "preprocess": preprocess,
-        "blobs": blobs,
-        "layers": layers,
-        "params": {"total": graph.param_count},
-        "classes": classes,
-        "notes": unknown + spec.notes,
-        "verification": report,
-    }
-
-
-def format_summary(m: dict) -> str:
-    """What ``inspect`` prints: from the manifest alone."""
-    lines = [f"model {m['name']}  ({m['format']}, graft {m.get('graft_version')})"]
-    src = m["source"]
-    p = src["prototxt"]
-    lines.append(f"  prototxt   {p.get('path') or 'preset ' + p.get('preset', '')}  [{p['generation']}]  sha256 {p['sha256'][:16]}")
-    c = src["caffemodel"]
-    lines.append(f"  caffemodel {c['path']}  [{c['generation']}]  sha256 {c['sha256'][:16]}{_fmt_precision(c)}")
-    lines.append(f"  weights    sha256 {m['weights_sha256'][:16]}  {m['params']['total']:,} parameters")
-    lines.append(f"  input      {m['input']['name']} {_fmt_shape(m['input']['shape'])}")
-    pre = m.get("preprocess")
-    if pre:
-        mean = pre.get("mean_file") or (", ".join(f"{v:g}" for v in pre["mean"]) if pre.get("mean") else "none")
-        lines.append(f"  preprocess {pre['channel_order'].upper()}, resize {pre['resize'][0]}x{pre['resize'][1]}, "
-                     f"crop {pre['crop'] or 'none'}, mean {mean}, scale {pre['scale']:g}")
-    lines.append(f"  outputs    {', '.join(m['outputs'])}")
-    if m.get("classes"):
-        lines.append(f"  classes    {len(m['classes'])} ({', '.join(m['classes'][:3])}, ...)")
-    lines.append("")
-    lines.append(f"  {'layer':<34} {'type':<14} {'params':>12}  tops")
-    for layer in m["layers"]:
-        tops = ", ".join(f"{t} {_fmt_shape(m['blobs'][t]['shape'])}" for t in layer["tops"])
-        lines.append(f"  {layer['name']:<34} {layer['type']:<14} {layer['params']:>12,}  {tops}")
-    v = m.get("verification") or {}
-    lines.append("")
-    if v.get("skipped"):
-        lines.append("  verification: skipped (--no-verify)")
-    else:
-        worst = max(v["blobs"].values(), key=lambda s: s["max_rel"]) if v.get("blobs") else {"max_abs": 0, "max_rel": 0}
-        lines.append(f"  verification: {'passed' if v['passed'] else 'FAILED'} ({len(v['blobs'])} blobs, {v['reference']}; "
-                     f"worst max abs {worst['max_abs']:.3g}, rel {worst['max_rel']:.3g}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g}·max|ref|)")
-    lines += [f"  note: {note}" for note in m.get("notes") or []]
-    return "\n".join(lines)
-
-
-def _fmt_precision(c: dict) -> str:
-    """How the caffemodel stored its weights ('' in manifests from before it was recorded)."""
-    if "precision" not in c:
-        return ""
-    if c["precision"] == "float32":
-        return "  float32"
-    counts = " + ".join(f"{n} {k}" for k, n in (c.get("blob_precisions") or {}).items())
-    return f"  {c['precision']} ({counts} blobs, widened to float32)"
-
-
-def _fmt_shape(shape) -> str:
-    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"

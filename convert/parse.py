@@ -8,6 +8,7 @@ become the same spec; a layer's parameters stay in the protobuf message, whose
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ V1_TYPES: dict[str, str] = {
 # Layers that only make sense while training: dropped from a deploy net with a note.
 TRAINING_ONLY = {
     "Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData", "HDF5Output", "Python",
-    "Accuracy", "Silence", "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "ContrastiveLoss",
+    "Accuracy", "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "ContrastiveLoss",
     "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss",
 }
 
@@ -66,6 +67,10 @@ class NetSpec:
     inputs: dict[str, list[int]]
     layers: list[LayerSpec]
     notes: list[str] = field(default_factory=list)
+    #: graph outputs chosen by ``--outputs`` (None: the blobs no layer reads)
+    outputs: list[str] | None = None
+    #: (name, type) of the layers ``--outputs`` left out
+    left_out: list[tuple[str, str]] = field(default_factory=list)
 
 
 def read_text_message(path: str | Path, message: Any, label: str = "", expected: str = "a .prototxt file",
@@ -139,6 +144,19 @@ def _is_excluded(msg: Any) -> bool:
     return any(r.HasField("phase") and r.phase == test for r in msg.exclude)
 
 
+def input_layer_shapes(msg: Any, name: str, source: str) -> dict[str, list[int]]:
+    """An ``Input`` layer's tops and shapes: one ``input_param.shape`` per top, or one for all."""
+    shapes = list(msg.input_param.shape)
+    tops = list(msg.top)
+    if not tops:
+        raise GraftError(f"{source}: Input layer '{name}' has no top")
+    if not shapes:
+        raise GraftError(f"{source}: Input layer '{name}' declares no shape")
+    if len(shapes) not in (1, len(tops)):
+        raise GraftError(f"{source}: Input layer '{name}' has {len(tops)} tops but {len(shapes)} shapes (give one, or one per top)")
+    return {top: [int(d) for d in (shapes[i] if len(shapes) > 1 else shapes[0]).dim] for i, top in enumerate(tops)}
+
+
 def net_spec(net: Any, source: str = "prototxt") -> NetSpec:
     """Normalise a NetParameter of either generation into a :class:`NetSpec`."""
     if len(net.layer) and len(net.layers):
@@ -146,6 +164,8 @@ def net_spec(net: Any, source: str = "prototxt") -> NetSpec:
     generation = "V1" if len(net.layers) else "V2"
     inputs: dict[str, list[int]] = {}
     names = list(net.input)
+    if len(set(names)) != len(names):
+        raise GraftError(f"{source}: input names {names} repeat")
     if names:
         if len(net.input_shape):
             if len(net.input_shape) != len(names):
@@ -172,12 +192,10 @@ def net_spec(net: Any, source: str = "prototxt") -> NetSpec:
             notes.append(f"dropped layer '{name}' ({ltype}): not in the TEST phase")
             continue
         if ltype == "Input":
-            shapes = list(msg.input_param.shape)
-            for i, top in enumerate(msg.top):
-                if not shapes:
-                    raise GraftError(f"{source}: Input layer '{name}' declares no shape")
-                s = shapes[i] if len(shapes) > 1 else shapes[0]
-                inputs[top] = [int(d) for d in s.dim]
+            for top, shape in input_layer_shapes(msg, name, source).items():
+                if top in inputs:
+                    raise GraftError(f"{source}: input '{top}' is declared twice")
+                inputs[top] = shape
             continue
         if ltype in TRAINING_ONLY:
             notes.append(f"dropped training-only layer '{name}' ({ltype})")
@@ -185,6 +203,9 @@ def net_spec(net: Any, source: str = "prototxt") -> NetSpec:
         layers.append(LayerSpec(name=name, type=ltype, bottoms=list(msg.bottom), tops=list(msg.top), msg=msg))
     if not inputs:
         raise GraftError(f"{source}: the net declares no input (need 'input'+'input_dim'/'input_shape' or an Input layer)")
+    for n, shape in inputs.items():
+        if not shape or any(d <= 0 for d in shape):
+            raise GraftError(f"{source}: input '{n}' has shape {shape}; every input needs at least one dim, all positive")
     return NetSpec(name=net.name, generation=generation, inputs=inputs, layers=layers, notes=notes)
 
 
@@ -192,11 +213,13 @@ def load_net_spec(path: str | Path) -> NetSpec:
     return net_spec(read_prototxt(path), source=str(path))
 
 
-def to_v2_prototxt(spec: NetSpec) -> str:
-    """The deploy net in V2 syntax (what the package stores as ``deploy.prototxt``)."""
+def to_v2_prototxt(spec: NetSpec, inputs: Mapping[str, Sequence[int]] | None = None) -> str:
+    """The deploy net in V2 syntax (what the package stores as ``deploy.prototxt``); ``inputs``
+    replaces declared input shapes (``--input-size``)."""
     out = pb.NetParameter()
     out.name = spec.name
-    for name, shape in spec.inputs.items():
+    for name, declared in spec.inputs.items():
+        shape = [int(d) for d in (inputs or {}).get(name, declared)]
         layer = out.layer.add(name=name, type="Input")
         layer.top.append(name)
         layer.input_param.shape.add().dim.extend(shape)

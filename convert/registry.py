@@ -39,6 +39,17 @@ class Converter:
         shapes (the number of detections); ``infer`` reports an upper bound for them."""
         return {}
 
+    def batch_axes(self, node: Node, axes: list[int | None]) -> list[int | None]:
+        """The batch axis of each output, given each input's (None: the value has none).
+
+        By default the first batch-carrying input's axis where ``keeps_batch``, none
+        otherwise; layers that move or regroup axes (Permute, Reshape, Flatten) override it.
+        """
+        if not self.keeps_batch(node):
+            return [None] * len(node.out_shapes)
+        a = next((x for x in axes if x is not None), None)
+        return [a if a is not None and a < len(s) else None for s in node.out_shapes]
+
     def infer(self, node: Node, shapes: list[Shape]) -> list[Shape]:
         """Output shapes; by default one output shaped like the first input."""
         return [shapes[0]] * max(1, len(node.outputs))

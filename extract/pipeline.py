@@ -212,6 +212,19 @@ def format_summary(s: Summary) -> str:
 
 
 
+def check_extractable(pkg: Any) -> None:
+    """extract feeds one image tensor in batches of any size: a package that takes several
+    inputs, or batches only in multiples (TSM's clips of 8 frames), cannot be run that way."""
+    inputs = getattr(pkg, "inputs", None) or {}
+    if len(inputs) > 1:
+        raise ValueError(f"model {pkg.name} takes {len(inputs)} inputs ({', '.join(inputs)}); extract feeds images to "
+                         "single-input models only (use load_torch or the ONNX model directly)")
+    step = getattr(pkg, "batch_multiple", 1)
+    if step != 1:
+        raise ValueError(f"model {pkg.name} runs only batches in multiples of {step} (its graph groups them); "
+                         "extract runs images one by one or in batches of any size")
+
+
 def resolve_preprocess(pkg: Any, overrides: dict[str, Any] | None = None) -> Preprocess:
     """The package's preprocessing with command-line overrides applied (``None`` = keep)."""
     d = dict(pkg.preprocess)
@@ -263,6 +276,7 @@ def extract(
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     pkg = load_package(model)
+    check_extractable(pkg)
     blobs = list(dict.fromkeys(blobs))
     unknown = [b for b in blobs if b not in pkg.blobs]
     if unknown:

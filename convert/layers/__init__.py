@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     detection,
     embed,
     fork_bn,
+    graph,
     normalization,
     pooling,
     reduce,

@@ -204,25 +204,70 @@ class Slice(Converter):
         return Lambda(lambda x: tuple(torch.split(x, sizes, dim=a)), f"axis={a}, sizes={sizes}")
 
 
-def _reshape_target(out_shape: tuple[int, ...], in_shape: tuple[int, ...]) -> list[int]:
-    """ONNX Reshape target: static dims, except a preserved leading batch dim copied (0)."""
-    target = list(out_shape)
-    if target and in_shape and target[0] == in_shape[0]:
-        target[0] = 0
-    return target
-
-
 class _Reshapes(Converter):
+    """Reshape and Flatten keep the batch axis dynamic: their ONNX target and torch shape are
+    Caffe's output shape at the declared batch, with the batch axis left to -1 (or copied, 0).
+
+    Which output axis is the batch axis is ``_batch_out``'s rule (each subclass). A leading
+    axis that regroups the batch (TSM's 8 frames -> 1x8xCxHxW) stays the batch axis: a batch
+    of 16 frames is then 2 clips, each as Caffe computes the declared 8. A hard-coded leading
+    1 (``dim: 1 dim: -1``) in a batch-1 net keeps images apart where Caffe, at a batch of N,
+    would put all N images into one row: the batch axis keeps one row per image.
+    """
+
+    def _batch_out(self, node, a: int) -> int:
+        raise NotImplementedError
+
+    def batch_axes(self, node, axes):
+        a = axes[0] if axes else None
+        return [None if a is None else self._batch_out(node, a)]
+
+    def dynamic_axes(self, node):
+        """A data-dependent input axis (a number of detections) moves as the batch axis would;
+        its symbol is scaled when other axes merge into it."""
+        dyn = node.in_dynamic[0] if node.in_dynamic else {}
+        out = {}
+        for a, symbol in dyn.items():
+            b = self._batch_out(node, a)
+            ratio = node.out_shapes[0][b] // max(1, node.in_shapes[0][a])
+            out[b] = symbol if ratio == 1 else f"{ratio}*{symbol}"
+        return {0: out} if out else {}
+
+    def _target(self, node) -> list[int]:
+        """Static dims; free axes (batch, data-dependent) copied (0) where they stay in place,
+        else -1, which ONNX allows once."""
+        target = list(node.out_shapes[0])
+        free = {a: b for a, b in [(node.in_batch[0], node.out_batch[0])] if b is not None}
+        free.update({a: b for a, b in zip(node.in_dynamic[0] if node.in_dynamic else {}, node.out_dynamic[0])})
+        inferred = 0
+        for a, b in free.items():
+            if a == b and node.in_shapes[0][a] == target[b]:
+                target[b] = 0
+            else:
+                target[b] = -1
+                inferred += 1
+        if inferred > 1:
+            raise GraftError(f"layer '{node.name}': cannot reshape {node.in_shapes[0]} -> {node.out_shapes[0]} moving both the "
+                             "batch axis and a data-dependent axis")
+        return target
+
     def onnx(self, node, b):
-        target = _reshape_target(node.out_shapes[0], node.in_shapes[0])
-        b.add("Reshape", [node.inputs[0], b.const(f"{node.name}/shape", target, dtype="int64")], node.outputs,
+        b.add("Reshape", [node.inputs[0], b.const(f"{node.name}/shape", self._target(node), dtype="int64")], node.outputs,
               name=node.name)
 
     def torch(self, node):
-        rest = tuple(node.out_shapes[0][1:])
-        keep_batch = node.out_shapes[0][0] == node.in_shapes[0][0]
-        full = tuple(node.out_shapes[0])
-        return Lambda(lambda x: x.reshape((x.shape[0],) + rest) if keep_batch else x.reshape(full), f"-> {full}")
+        target = self._target(node)
+        copied = [i for i, d in enumerate(target) if d == 0]
+
+        def reshape(x):  # 0 copies the input's dim at that position, as in ONNX
+            return x.reshape([x.shape[i] if i in copied else d for i, d in enumerate(target)])
+
+        return Lambda(reshape, f"-> {tuple(node.out_shapes[0])}, batch axis {node.out_batch[0]}")
+
+
+def _flatten_span(node, rank: int) -> tuple[int, int]:
+    p = node.param("flatten_param")
+    return axis_index(p.axis, rank, node.name), axis_index(p.end_axis, rank, node.name)
 
 
 @register
@@ -232,11 +277,26 @@ class Flatten(_Reshapes):
     types = ("Flatten",)
 
     def infer(self, node, shapes):
-        p = node.param("flatten_param")
         s = shapes[0]
-        a = axis_index(p.axis, len(s), node.name)
-        e = axis_index(p.end_axis, len(s), node.name)
+        a, e = _flatten_span(node, len(s))
+        if e < a:
+            raise GraftError(f"layer '{node.name}': flatten end_axis {e} comes before axis {a}")
         return [tuple(s[:a]) + (math.prod(s[a:e + 1]),) + tuple(s[e + 1:])]
+
+    def _batch_out(self, node, a):
+        start, end = _flatten_span(node, len(node.in_shapes[0]))
+        return a if a < start else (start if a <= end else a - (end - start))
+
+
+def _reshape_span(node, s) -> tuple[int, int, list[int]]:
+    """Caffe's reshape span [start, end) of the input and its ``dim`` values."""
+    p = node.param("reshape_param")
+    rank = len(s)
+    start = p.axis + rank + 1 if p.axis < 0 else p.axis
+    end = rank if p.num_axes == -1 else start + p.num_axes
+    if not (0 <= start <= rank and start <= end <= rank):
+        raise GraftError(f"layer '{node.name}': reshape axis {p.axis}/num_axes {p.num_axes} out of range for {tuple(s)}")
+    return start, end, [int(d) for d in p.shape.dim]
 
 
 @register
@@ -246,20 +306,17 @@ class Reshape(_Reshapes):
     types = ("Reshape",)
 
     def infer(self, node, shapes):
-        p = node.param("reshape_param")
         s = list(shapes[0])
+        start, end, dims = _reshape_span(node, s)
         rank = len(s)
-        start = p.axis + rank + 1 if p.axis < 0 else p.axis
-        end = rank if p.num_axes == -1 else start + p.num_axes
-        if not (0 <= start <= rank and start <= end <= rank):
-            raise GraftError(f"layer '{node.name}': reshape axis {p.axis}/num_axes {p.num_axes} out of range for {tuple(s)}")
-        dims = [int(d) for d in p.shape.dim]
         new = []
         for i, d in enumerate(dims):
             if d == 0:
                 if start + i >= rank:
                     raise GraftError(f"layer '{node.name}': dim 0 at position {i} copies an axis the input lacks")
                 new.append(s[start + i])
+            elif d < -1:
+                raise GraftError(f"layer '{node.name}': reshape dim {d} is neither positive, 0 nor -1")
             else:
                 new.append(d)
         if new.count(-1) > 1:
@@ -273,6 +330,20 @@ class Reshape(_Reshapes):
         if math.prod(new) != total:
             raise GraftError(f"layer '{node.name}': reshape dims {dims} hold {math.prod(new)} values, input span has {total}")
         return [tuple(s[:start] + new + s[end:])]
+
+    def _batch_out(self, node, a):
+        """Outside the span the batch axis moves with it; inside, it is the axis a 0 copies it
+        to, else the span's leading axis when the batch leads the span, else the -1 axis."""
+        start, end, dims = _reshape_span(node, node.in_shapes[0])
+        if a < start:
+            return a
+        if a >= end:
+            return a + len(dims) - (end - start)
+        if a - start < len(dims) and dims[a - start] == 0:
+            return a
+        if a == start or -1 not in dims:
+            return start
+        return start + dims.index(-1)
 
 
 def _order(node, rank: int) -> list[int]:
@@ -289,6 +360,10 @@ class Permute(Converter):
     def infer(self, node, shapes):
         order = _order(node, len(shapes[0]))
         return [tuple(shapes[0][i] for i in order)]
+
+    def batch_axes(self, node, axes):
+        a = axes[0] if axes else None
+        return [None if a is None else _order(node, len(node.in_shapes[0])).index(a)]
 
     def onnx(self, node, b):
         b.add("Transpose", node.inputs, node.outputs, name=node.name, perm=_order(node, len(node.in_shapes[0])))
