@@ -439,8 +439,8 @@ def test_zoo_shufflenet_v2_matches_opencv(tmp_path):
 
 
 @needs_testbed
-@pytest.mark.xfail(reason="an in-place layer on the net input loses the input (ir.py, not this module)", strict=False)
 def test_zoo_shufflenet_v2_as_published_converts(tmp_path):
+    """As published: BatchNorm and Scale run in place on the input ``data``."""
     _, _, pkg = _convert_generated(tmp_path, ZOO / "shufflenet_v2_x0.5" / "deploy.prototxt")
     assert pkg.manifest["verification"]["passed"]
 
