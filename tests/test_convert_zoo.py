@@ -45,7 +45,9 @@ NETS: dict[str, ZooNet] = {
     "bvlc_alexnet": ZooNet(input_size=(67, 67), pre=IMAGENET),
     "vgg16_ilsvrc": ZooNet(input_size=(32, 32), pre=IMAGENET),
     "resnet50_kaiming": ZooNet(pre=IMAGENET),
-    "ssd300_vgg16_voc": ZooNet(pre=IMAGENET, slow=True),
+    # inputs scaled to about ±0.5: with random weights, raw 0..255 pixels decode every box to ±1e8
+    # with a score of exactly 1 (ties, which Caffe's and OpenCV's sorts order differently)
+    "ssd300_vgg16_voc": ZooNet(pre=dict(mean="104,117,123", scale=1 / 255), slow=True),
     "pspnet50_ade20k": ZooNet(pre=dict(mean="103.939,116.779,123.68"), slow=True,
                               opencv="OpenCV cannot parse PSPNet's bn_param (UnknownField should have at least 2 items)"),
     "fcn8s_voc": ZooNet(input_size=(64, 64), pre=dict(mean="104.00698793,116.66876762,122.67891434"), slow=True),
@@ -57,7 +59,8 @@ NETS: dict[str, ZooNet] = {
     "mobilenet_v3_small": ZooNet(pre=dict(mean="103.94,116.78,123.68", scale=0.017),
                                  opencv_rename={"DepthwiseConvolution": "Convolution"}),
     "sphereface20": ZooNet(pre=dict(mean="127.5", scale=0.0078125)),
-    "tsm_resnet50_x2paddle": ZooNet(pre=IMAGENET, opencv_cut={"Reduction"}, slow=True),
+    "tsm_resnet50_x2paddle": ZooNet(pre=IMAGENET, slow=True,
+                                    opencv="OpenCV 4.14 cannot run this prototxt (kernel[i] > 0 in getKernelSize)"),
     "wechat_qrcode_detect": ZooNet(pre=dict(channel_order="gray", scale=1 / 255)),
     "wechat_qrcode_sr": ZooNet(pre=dict(channel_order="gray", scale=1 / 255)),
     "colorization_v2": ZooNet(pre=dict(channel_order="gray", mean="50")),
@@ -103,8 +106,8 @@ def zoo(tmp_path_factory):
             real = sorted((ZOO / name).glob("*.caffemodel"))
             work = root / name
             work.mkdir(exist_ok=True)
-            weights = real[0] if real else generate_caffemodel(proto, work / "generated.caffemodel",
-                                                               seed=1, input_size=cfg.input_size)
+            weights = real[0] if real else generate_caffemodel(proto, work / "generated.caffemodel", seed=1,
+                                                               input_size=cfg.input_size, outputs=cfg.outputs)
             spec = load_net_spec(proto)
             shape = list(next(iter(spec.inputs.values())))
             if cfg.input_size:
@@ -168,23 +171,30 @@ def opencv_copy(proto: Path, pkg, shape: list[int], cfg: ZooNet, out: Path) -> t
     return out, kept
 
 
+def detections(rows: np.ndarray) -> np.ndarray:
+    """The real rows of a DetectionOutput: not Caffe's all -1 'nothing found' row, not OpenCV's
+    all-zero padding up to keep_top_k (a detection has a score above 0)."""
+    rows = rows.reshape(-1, 7)
+    return rows[(rows[:, 1] >= 0) & (rows[:, 2] > 0)]
+
+
 def box_sets_match(ref: np.ndarray, got: np.ndarray, what: str) -> None:
-    """DetectionOutput [1, 1, N, 7]: same rows up to order (same image, label; IoU >= 0.99)."""
-    ref = ref.reshape(-1, 7)
-    got = got.reshape(-1, 7)
-    ref = ref[ref[:, 0] >= 0]
-    got = got[got[:, 0] >= 0]
+    """DetectionOutput [1, 1, N, 7]: the same rows up to order: same image and label, IoU >= 0.99
+    (or the same corners, for the empty boxes random weights decode), score within 1e-4."""
+    ref, got = detections(ref), detections(got)
     assert len(ref) == len(got), f"{what}: {len(got)} detections, OpenCV {len(ref)}"
     used = np.zeros(len(got), bool)
     for r in ref:
-        same = (got[:, 0] == r[0]) & (got[:, 1] == r[1]) & ~used
+        same = (got[:, 0] == r[0]) & (got[:, 1] == r[1]) & ~used & (np.abs(got[:, 2] - r[2]) <= 1e-4)
         lo, hi = np.maximum(got[:, 3:5], r[3:5]), np.minimum(got[:, 5:7], r[5:7])
         inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
         union = np.prod(got[:, 5:7] - got[:, 3:5], axis=1) + np.prod(r[5:7] - r[3:5]) - inter
-        iou = np.where(same, inter / np.maximum(union, 1e-12), -1)
-        j = int(np.argmax(iou))
-        assert iou[j] >= 0.99 and abs(got[j, 2] - r[2]) <= 1e-4, f"{what}: no match for OpenCV's {r}"
-        used[j] = True
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(union > 0, inter / union, 0.0)
+        corners = np.abs(got[:, 3:] - r[3:]).max(axis=1) <= 1e-4 * max(1.0, float(np.abs(r[3:]).max()))
+        ok = same & ((iou >= 0.99) | corners)
+        assert ok.any(), f"{what}: no match for OpenCV's {r}"
+        used[int(np.argmax(ok))] = True
 
 
 @pytest.mark.parametrize("name", FOLDERS)
