@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import GraftError
 from .manifest import FORMAT, Sources, build_manifest, format_summary
-from .store import WEIGHTS_FILE, group_by_layer, write_safetensors
+from .store import WEIGHTS_FILE, StreamingSafetensors, group_by_layer, write_safetensors
 
 __all__ = ["FORMAT", "DEFAULT_ROOT", "ModelPackage", "convert_model", "load_package", "load_torch", "sha256_file"]
 DEFAULT_ROOT = Path("artifacts") / "models"
@@ -232,6 +232,7 @@ def convert_model(
     from .weights import read_caffemodel
 
     t0 = time.perf_counter()
+    preload = _preload_runtimes()
     caffemodel = Path(caffemodel)
     spec = read_spec(prototxt, prototxt_text, outputs)
     name = name or (Path(prototxt).stem if prototxt_text is None else str(prototxt))
@@ -245,12 +246,8 @@ def convert_model(
     # hashing the source (0.3 s for 580 MB) releases the GIL: overlap it with emit and verify
     hasher = ThreadPoolExecutor(1, thread_name_prefix="graft-sha256")
     source_sha = hasher.submit(model.sha256)
+    writer = None
     try:
-        graph = build_graph(spec, {n: lw.blobs for n, lw in model.layers.items()},
-                            weights_source=str(caffemodel), input_shapes=shapes)
-        if preprocess is None and len(shape) == 4:
-            preprocess, mean_image = build_preprocess(shape)
-        timings = {"parse": time.perf_counter() - t0}
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -260,8 +257,19 @@ def convert_model(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            # the deploy layers' blobs go to disk while torch is still importing (see StreamingSafetensors)
+            writer = StreamingSafetensors(tmp / WEIGHTS_FILE, {f"{ls.name}.{i}": b for ls in spec.layers
+                                                               for i, b in enumerate(_blobs(model, ls.name))},
+                                          metadata=WEIGHTS_METADATA)
+            preload.join()
+            graph = build_graph(spec, {n: lw.blobs for n, lw in model.layers.items()},
+                                weights_source=str(caffemodel), input_shapes=shapes)
+            if preprocess is None and len(shape) == 4:
+                preprocess, mean_image = build_preprocess(shape)
+            timings = {"parse": time.perf_counter() - t0}
             weights_sha, report = _write_files(tmp, spec, graph, shapes, mean_image, classes, preprocess, timings,
-                                               verify=verify, atol=atol, rtol=rtol)
+                                               writer, verify=verify, atol=atol, rtol=rtol)
+            writer = None
             src = Sources(prototxt=str(prototxt), prototxt_text=prototxt_text,
                           prototxt_sha=None if prototxt_text is not None else sha256_file(Path(prototxt)),
                           caffemodel=str(caffemodel), caffemodel_sha=source_sha.result(),
@@ -272,10 +280,10 @@ def convert_model(
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _replace_dir(tmp, out)
         except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _discard(writer, tmp)
             raise GraftError(f"{out}: cannot write the package ({err.strerror or err})") from None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _discard(writer, tmp)
             raise
     finally:
         hasher.shutdown(wait=True)  # the hash reads the map: let it finish before closing
@@ -285,10 +293,42 @@ def convert_model(
     return ModelPackage(out)
 
 
-def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess, timings: dict, *,
+WEIGHTS_METADATA = {"format": FORMAT, "layout": "caffe"}
+
+
+def _blobs(model, layer: str) -> list:
+    lw = model.layers.get(layer)
+    return lw.blobs if lw is not None else []
+
+
+def _discard(writer, tmp: Path) -> None:
+    if writer is not None:
+        writer.abandon()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _preload_runtimes():
+    """Import torch and onnxruntime in a thread. The converters need torch (2 s of a VGG-Face
+    convert), and meanwhile the caffemodel is read and its weights written, which release the
+    GIL; importing in the main thread would serialise the two."""
+    import threading
+
+    def load() -> None:
+        try:
+            import onnxruntime  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError:  # reported where it is needed, with the usual message
+            pass
+
+    t = threading.Thread(target=load, name="graft-preload", daemon=True)
+    t.start()
+    return t
+
+
+def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess, timings: dict, writer, *,
                  verify: bool, atol: float | None, rtol: float | None) -> tuple[str, dict]:
-    """weights, model.onnx, deploy.prototxt, mean and classes into ``tmp``, then verification;
-    returns the weights' sha256 and the verification report."""
+    """weights (already streaming to disk), model.onnx, deploy.prototxt, mean and classes into
+    ``tmp``, then verification; returns the weights' sha256 and the verification report."""
     import onnx
 
     from .emit_onnx import emit_onnx
@@ -298,7 +338,13 @@ def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess
 
     t = time.perf_counter()
     arrays = {f"{n.name}.{i}": w for n in graph.nodes for i, w in enumerate(n.weights)}
-    spans, weights_sha = write_safetensors(tmp / WEIGHTS_FILE, arrays, metadata={"format": FORMAT, "layout": "caffe"})
+    done = writer.finish(arrays)
+    if done is None:  # a layer left blobs of the caffemodel unused: write the file the plain way
+        writer.abandon()
+        spans, sha = write_safetensors(tmp / WEIGHTS_FILE, arrays, metadata=WEIGHTS_METADATA)
+        weights_sha = _done(sha)
+    else:
+        spans, weights_sha = done
     refs = {k: (WEIGHTS_FILE, off, n) for k, (off, n) in spans.items()}
     onnx_model = emit_onnx(graph, refs)
     onnx.save(onnx_model, str(tmp / "model.onnx"))
@@ -320,7 +366,16 @@ def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess
                                 RTOL if rtol is None else rtol)
         del net
     timings["verify"] = time.perf_counter() - t
-    return weights_sha, report
+    return weights_sha.result(), report
+
+
+def _done(value):
+    """A finished Future holding ``value``."""
+    from concurrent.futures import Future
+
+    f: Future = Future()
+    f.set_result(value)
+    return f
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
