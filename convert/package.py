@@ -232,7 +232,7 @@ def convert_model(
     from .weights import read_caffemodel
 
     t0 = time.perf_counter()
-    preload = _preload_runtimes()
+    _preload_runtimes()
     caffemodel = Path(caffemodel)
     spec = read_spec(prototxt, prototxt_text, outputs)
     name = name or (Path(prototxt).stem if prototxt_text is None else str(prototxt))
@@ -261,7 +261,6 @@ def convert_model(
             writer = StreamingSafetensors(tmp / WEIGHTS_FILE, {f"{ls.name}.{i}": b for ls in spec.layers
                                                                for i, b in enumerate(_blobs(model, ls.name))},
                                           metadata=WEIGHTS_METADATA)
-            preload.join()
             graph = build_graph(spec, {n: lw.blobs for n, lw in model.layers.items()},
                                 weights_source=str(caffemodel), input_shapes=shapes)
             if preprocess is None and len(shape) == 4:
@@ -308,14 +307,13 @@ def _discard(writer, tmp: Path) -> None:
 
 
 def _preload_runtimes():
-    """Import torch and onnxruntime in a thread. The converters need torch (2 s of a VGG-Face
-    convert), and meanwhile the caffemodel is read and its weights written, which release the
-    GIL; importing in the main thread would serialise the two."""
+    """Import torch in a thread (2 s of a VGG-Face convert): meanwhile the caffemodel is read,
+    its weights written, the ONNX emitted and run by onnxruntime, none of which needs torch
+    (the converters import it lazily) and the slow parts of which release the GIL."""
     import threading
 
     def load() -> None:
         try:
-            import onnxruntime  # noqa: F401
             import torch  # noqa: F401
         except ImportError:  # reported where it is needed, with the usual message
             pass
@@ -332,9 +330,13 @@ def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess
     import onnx
 
     from .emit_onnx import emit_onnx
-    from .emit_torch import emit_torch
     from .parse import to_v2_prototxt
     from .verify import ATOL, RTOL, verify_package
+
+    def emit_torch(graph):
+        from .emit_torch import emit_torch
+
+        return emit_torch(graph)
 
     t = time.perf_counter()
     arrays = {f"{n.name}.{i}": w for n in graph.nodes for i, w in enumerate(n.weights)}
@@ -359,12 +361,13 @@ def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess
     if verify:
         from .layers._common import shared_weights
 
-        with shared_weights():  # a throw-away net over the mapped caffemodel: no copy
-            net = emit_torch(graph)
+        def make_net():
+            with shared_weights():  # a throw-away net over the mapped caffemodel: no copy
+                return emit_torch(graph)
+
         feeds = verification_feeds(graph, preprocess, mean_image)
-        report = verify_package(graph, onnx_model, tmp, net, feeds, ATOL if atol is None else atol,
+        report = verify_package(graph, onnx_model, tmp, make_net, feeds, ATOL if atol is None else atol,
                                 RTOL if rtol is None else rtol)
-        del net
     timings["verify"] = time.perf_counter() - t
     return weights_sha.result(), report
 

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
 
 from .errors import GraftError
 from .ir import Graph
+from .layers._common import torch  # imported when first used: onnxruntime runs first, meanwhile torch imports
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 ATOL = 1e-5
 RTOL = 1e-3  # relative to the blob's largest magnitude: float32 sums in another order differ ~1e-6
@@ -120,7 +124,8 @@ def run_onnx(graph: Graph, model: onnx.ModelProto, model_dir: Path, feeds: Mappi
 
 
 def run_torch(graph: Graph, net: torch.nn.Module, feeds: Mapping[str, np.ndarray], values: list[str],
-              dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+              dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+    dtype = dtype or torch.float32
     xs = [torch.from_numpy(np.asarray(feeds[n])).to(dtype) for n in graph.inputs]
     try:
         with torch.inference_mode():
@@ -204,7 +209,7 @@ def verify_package(
     graph: Graph,
     model: onnx.ModelProto,
     model_dir: Path,
-    net: torch.nn.Module,
+    make_net: Callable[[], torch.nn.Module],
     feeds: Mapping[str, np.ndarray],
     atol: float = ATOL,
     rtol: float = RTOL,
@@ -213,11 +218,13 @@ def verify_package(
 
     ``model`` is the package's graph, already written to ``model_dir/model.onnx`` (its
     initializers reference files there). Raises GraftError when a blob is refused.
-    ``net`` may be left in float64.
+    ``make_net()`` builds the torch module once onnxruntime has run (torch may still be
+    importing until then); the module may be left in float64.
     """
     check_onnx(model_dir / "model.onnx")
     values = [v for v in graph.shapes if v not in graph.inputs]
     onnx_out = run_onnx(graph, model, model_dir, feeds, values)
+    net = make_net()
     torch_out = run_torch(graph, net, feeds, values)
     blobs = {}
     for v in values:

@@ -3,14 +3,58 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import types
 import warnings
 from collections.abc import Callable
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import GraftError
+
+
+class LazyModule(types.ModuleType):
+    """A module imported on first attribute access.
+
+    Why: ``convert`` needs the converters for shapes and ONNX long before it needs torch, and
+    importing torch takes 2 s, a third of a VGG-Face convert. With the converters free of it,
+    torch imports in a thread while the caffemodel is read, written and checked by onnxruntime.
+    """
+
+    def __init__(self, name: str):
+        super().__init__(name)
+
+    def __getattr__(self, attr: str):
+        module = importlib.import_module(self.__name__)
+        return getattr(module, attr)
+
+
+torch = LazyModule("torch")
+nn = LazyModule("torch.nn")
+F = LazyModule("torch.nn.functional")
+
+_BOUND: dict[type, type] = {}
+
+
+class TorchModule:
+    """Base class of the converters' torch modules: an ``nn.Module`` once instantiated.
+
+    Defining ``class _Conv(nn.Module)`` would import torch with the converter module; a
+    ``TorchModule`` subclass is bound to ``nn.Module`` on first instantiation instead (a
+    subclass of both, built once), so ``isinstance(m, _Conv)`` and ``isinstance(m, nn.Module)``
+    both hold and ``super().__init__()`` reaches ``nn.Module.__init__``.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        import torch.nn
+
+        if issubclass(cls, torch.nn.Module):
+            return super().__new__(cls)
+        bound = _BOUND.get(cls)
+        if bound is None:
+            bound = _BOUND[cls] = type(cls.__name__, (cls, torch.nn.Module),
+                                       {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        return bound(*args, **kwargs)
 
 #: set by ``shared_weights()``: modules view the (read-only) weight arrays instead of copying
 _SHARE = False
@@ -64,7 +108,7 @@ def axis_index(axis: int, rank: int, layer: str) -> int:
     return a
 
 
-class Lambda(nn.Module):
+class Lambda(TorchModule):
     """A parameter-free layer: a named function of its inputs."""
 
     def __init__(self, fn: Callable[..., torch.Tensor | tuple], description: str):

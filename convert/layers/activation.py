@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from ..registry import Converter, register
-from ._common import Lambda, param
+from ._common import F, Lambda, TorchModule, param, torch
 
 
 class _Elementwise(Converter):
@@ -38,7 +34,7 @@ class ReLU(_Elementwise):
         return Lambda(F.relu, "relu")
 
 
-class _PReLU(nn.Module):
+class _PReLU(TorchModule):
     def __init__(self, node):
         super().__init__()
         self.weight = param(node.weights[0].reshape(-1))
@@ -91,10 +87,10 @@ def _simple(type_name: str, onnx_op: str, fn, label: str):
     return _Simple
 
 
-Sigmoid = _simple("Sigmoid", "Sigmoid", torch.sigmoid, "sigmoid")
-TanH = _simple("TanH", "Tanh", torch.tanh, "tanh")
-AbsVal = _simple("AbsVal", "Abs", torch.abs, "abs")
-BNLL = _simple("BNLL", "Softplus", F.softplus, "log(1 + exp(x))")
+Sigmoid = _simple("Sigmoid", "Sigmoid", lambda x: torch.sigmoid(x), "sigmoid")
+TanH = _simple("TanH", "Tanh", lambda x: torch.tanh(x), "tanh")
+AbsVal = _simple("AbsVal", "Abs", lambda x: torch.abs(x), "abs")
+BNLL = _simple("BNLL", "Softplus", lambda x: F.softplus(x), "log(1 + exp(x))")
 
 
 def _affine(b, node, x: str, scale: float, shift: float, hint: str) -> str:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import Lambda
+from ._common import F, Lambda, torch
 
 
 class _Elementwise(Converter):

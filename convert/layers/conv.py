@@ -3,12 +3,9 @@ forks' depthwise spellings ConvolutionDepthwise / DepthwiseConvolution."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import nn
-
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import hw, param
+from ._common import F, TorchModule, hw, param
 
 
 def conv_geometry(node, need_num_output: bool = True) -> dict:
@@ -26,7 +23,7 @@ def conv_geometry(node, need_num_output: bool = True) -> dict:
                 num_output=int(p.num_output), bias=bool(p.bias_term))
 
 
-class _Conv(nn.Module):
+class _Conv(TorchModule):
     def __init__(self, node, g: dict, transpose: bool):
         super().__init__()
         self.transpose = transpose

@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch.nn.functional as F
-from torch import nn
 
 from ..registry import Converter, register
-from ._common import axis_index, param
+from ._common import F, TorchModule, axis_index, param
 
 
 def _ip(node):
@@ -17,7 +15,7 @@ def _ip(node):
     return int(p.num_output), bool(p.bias_term), bool(p.transpose), int(p.axis)
 
 
-class _InnerProduct(nn.Module):
+class _InnerProduct(TorchModule):
     def __init__(self, node):
         super().__init__()
         _, bias, transpose, axis = _ip(node)

@@ -18,13 +18,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from onnx import numpy_helper
-from torch import nn
 
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import to_tensor
+from ._common import TorchModule, to_tensor, torch
 
 # ----------------------------------------------------------------------------- PriorBox
 
@@ -142,7 +140,7 @@ def _prior_inputs(node, shapes) -> tuple[tuple[int, int], tuple[int, int]]:
     return (int(shapes[0][2]), int(shapes[0][3])), img
 
 
-class _Constant(nn.Module):
+class _Constant(TorchModule):
     """A layer whose output depends only on the shapes fixed at conversion: a buffer."""
 
     def __init__(self, value: np.ndarray, description: str):
@@ -326,7 +324,7 @@ def no_detections(batch: int, device) -> torch.Tensor:
 NMS_CHUNK = 1 << 24
 
 
-class _DetectionOutput(nn.Module):
+class _DetectionOutput(TorchModule):
     """The same steps as the ONNX graph: per (image, class) the top_k candidates (stable sort),
     greedy NMS over all groups at once, keep_top_k per image, rows by image, label, rank."""
 

@@ -9,12 +9,10 @@ verification's image-like random inputs exercise.
 from __future__ import annotations
 
 import numpy as np
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import param
+from ._common import F, TorchModule, param
 
 
 def _embed(node) -> tuple[int, int, bool]:
@@ -26,7 +24,7 @@ def _embed(node) -> tuple[int, int, bool]:
     return k, n, bool(p.bias_term)
 
 
-class _Embed(nn.Module):
+class _Embed(TorchModule):
     def __init__(self, node):
         super().__init__()
         k, _, bias = _embed(node)

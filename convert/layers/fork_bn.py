@@ -12,12 +12,9 @@ part built in (unlike BVLC's BatchNorm + Scale).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import nn
-
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import param
+from ._common import F, TorchModule, param
 
 _LEARN, _INFERENCE = 0, 1
 
@@ -36,7 +33,7 @@ def bn_flavour(node) -> str:
     )
 
 
-class _PSPNetBN(nn.Module):
+class _PSPNetBN(TorchModule):
     """The four blobs as parameters in Caffe's 1xCx1x1 layout (``caffe_blobs`` reads them back)."""
 
     def __init__(self, node, eps: float):
@@ -52,7 +49,7 @@ class _PSPNetBN(nn.Module):
         return f"channels={self.slope.numel()}, eps={self.eps}"
 
 
-class _SegNetBN(nn.Module):
+class _SegNetBN(TorchModule):
     def __init__(self, node):
         super().__init__()
         self.scale, self.shift = (param(w) for w in node.weights)

@@ -3,13 +3,10 @@ Parameter (a learned blob as a value)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from ..errors import GraftError
 from ..parse import input_layer_shapes
 from ..registry import Converter, register
-from ._common import Lambda, param
+from ._common import Lambda, TorchModule, param, torch
 
 
 @register
@@ -50,7 +47,7 @@ class Silence(Converter):
         return Lambda(lambda *xs: (), "silence")
 
 
-class _Parameter(nn.Module):
+class _Parameter(TorchModule):
     def __init__(self, node):
         super().__init__()
         self.weight = param(node.weights[0])

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import axis_index, param, to_tensor
+from ._common import F, TorchModule, axis_index, param, to_tensor, torch
 
 
 def bn_stats(node) -> tuple[np.ndarray, np.ndarray, float]:
@@ -19,7 +16,7 @@ def bn_stats(node) -> tuple[np.ndarray, np.ndarray, float]:
     return (mean * f).astype(np.float32), (var * f).astype(np.float32), float(node.param("batch_norm_param").eps)
 
 
-class _BatchNorm(nn.Module):
+class _BatchNorm(TorchModule):
     def __init__(self, node):
         super().__init__()
         mean, var, self.eps = bn_stats(node)
@@ -73,7 +70,7 @@ def _view(shape: tuple[int, ...], axis: int, rank: int) -> tuple[int, ...]:
     return tuple(shape) + (1,) * (rank - axis - len(shape)) if shape else (1,)
 
 
-class _Affine(nn.Module):
+class _Affine(TorchModule):
     """Scale (x·γ (+β)) or Bias (x+β); γ/β learned, or taken from the second bottom."""
 
     def __init__(self, node, scale: bool, has_bias: bool, two_bottoms: bool):
@@ -168,7 +165,7 @@ def _lrn(node):
     return int(p.local_size), float(p.alpha), float(p.beta), float(p.k), int(p.norm_region)
 
 
-class _LRN(nn.Module):
+class _LRN(TorchModule):
     def __init__(self, node):
         super().__init__()
         self.n, self.alpha, self.beta, self.k, self.region = _lrn(node)
@@ -216,7 +213,7 @@ class LRN(Converter):
         return _LRN(node)
 
 
-class _Normalize(nn.Module):
+class _Normalize(TorchModule):
     def __init__(self, node):
         super().__init__()
         p = node.param("norm_param")

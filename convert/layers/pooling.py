@@ -14,12 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import hw, to_tensor
+from ._common import F, TorchModule, hw, to_tensor
 
 
 def out_size(size: int, k: int, p: int, s: int, ceil: bool = True) -> int:
@@ -97,7 +95,7 @@ def _pads(g) -> tuple[int, int, int, int]:
     return pt, pl, eb, er
 
 
-class Pool(nn.Module):
+class Pool(TorchModule):
     """Caffe pooling of one window geometry (``geometry`` / ``window_geometry``)."""
 
     def __init__(self, g: dict):

@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import Lambda, axis_index
+from ._common import Lambda, TorchModule, axis_index, torch
 
 _INT64_MIN = -(2**63)
 
@@ -35,7 +33,7 @@ def _argmax(node, shape) -> tuple[int | None, int, bool]:
     return axis, k, bool(p.out_max_val)
 
 
-class _TopK(nn.Module):
+class _TopK(TorchModule):
     """Caffe's top k along ``axis``: (values, indices as float), ties broken by the higher index."""
 
     def __init__(self, axis: int | None, k: int, out_max_val: bool, rank: int):
@@ -186,7 +184,7 @@ def _mvn(node, shape) -> tuple[list[int], bool, float]:
     return list(range(first, len(shape))), bool(p.normalize_variance), float(np.float32(p.eps))
 
 
-class _MVN(nn.Module):
+class _MVN(TorchModule):
     def __init__(self, axes: list[int], normalize_variance: bool, eps: float, rank: int):
         super().__init__()
         self.axes, self.normalize_variance, self.eps = tuple(axes), normalize_variance, eps

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
-from torch import nn
-
 from ..errors import GraftError
 from ..registry import Converter, register
+from ._common import F, TorchModule
 
 # ----------------------------------------------------------------------------- Upsample
 
@@ -50,7 +48,7 @@ def upsample_geometry(node, shape) -> tuple[tuple[int, int], tuple[int, int]]:
     return scale, (h * scale[0] - pads[0], w * scale[1] - pads[1])
 
 
-class _Nearest(nn.Module):
+class _Nearest(TorchModule):
     def __init__(self, scale: tuple[int, int], out: tuple[int, int]):
         super().__init__()
         self.scale, self.out = scale, out
@@ -143,7 +141,7 @@ def interp_geometry(node, shapes) -> dict:
     return dict(out=(int(out[0]), int(out[1])), crop=crop, eff=(h_eff, w_eff), cropped=(pad_beg, pad_end) != (0, 0))
 
 
-class _Bilinear(nn.Module):
+class _Bilinear(TorchModule):
     def __init__(self, g: dict):
         super().__init__()
         self.out, self.crop, self.cropped = g["out"], g["crop"], g["cropped"]

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
-
 from ..errors import GraftError
 from ..registry import Converter, register
+from ._common import TorchModule, nn, torch
 from .pooling import Pool, pool_onnx, window_geometry
 
 
@@ -37,7 +35,7 @@ def levels(node, shape) -> list[dict]:
     return out
 
 
-class _SPP(nn.Module):
+class _SPP(TorchModule):
     def __init__(self, geometries: list[dict]):
         super().__init__()
         self.levels = nn.ModuleList(Pool(g) for g in geometries)

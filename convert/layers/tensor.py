@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from ..errors import GraftError
 from ..registry import Converter, register
-from ._common import Lambda, axis_index
+from ._common import F, Lambda, TorchModule, axis_index, torch
 
 
 @register
@@ -47,7 +43,7 @@ class Identity(Converter):
         return Lambda(lambda x: (x,) * n if n > 1 else x, "identity")
 
 
-class _Dropout(nn.Module):
+class _Dropout(TorchModule):
     """The identity in eval mode (inference, as emitted); in train mode Caffe's dropout, which
     zeroes each value with probability ``ratio`` and scales the rest by 1/(1 - ratio)."""
 
