@@ -74,8 +74,11 @@ def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     rc = main(argv)
     if next((a for a in argv if not a.startswith("-")), None) in FAST_EXIT:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, OSError):  # output piped into head/less that closed early
+                pass
         os._exit(rc)
     sys.exit(rc)
 
