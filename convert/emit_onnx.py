@@ -19,6 +19,15 @@ from .ir import Graph, Node, layer_errors
 OPSET = 17
 
 
+def _fresh(hint: str, taken: set[str]) -> str:
+    name, i = hint, 1
+    while name in taken:
+        i += 1
+        name = f"{hint}_{i}"
+    taken.add(name)
+    return name
+
+
 class OnnxBuilder:
     """What a layer converter writes into: nodes, inline constants, weight references."""
 
@@ -27,19 +36,19 @@ class OnnxBuilder:
         self.weight_refs = weight_refs
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self._names: set[str] = set()
+        self._names: set[str] = set()  # values and initializers
+        self._node_names: set[str] = set()  # nodes: their own namespace in ONNX
         self._weight_views: dict[tuple[str, tuple[int, ...]], str] = {}
 
     def unique(self, hint: str) -> str:
-        name, i = hint, 1
-        while name in self._names:
-            i += 1
-            name = f"{hint}_{i}"
-        self._names.add(name)
-        return name
+        """A fresh value name."""
+        return _fresh(hint, self._names)
 
     def add(self, op_type: str, inputs: list[str], outputs: list[str], name: str | None = None, **attrs) -> list[str]:
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.unique(name or outputs[0]), **attrs))
+        """A node named ``name`` (the layer's name for its final node, so the deployed graph
+        reads like the prototxt), made unique among nodes only."""
+        node_name = _fresh(name or outputs[0], self._node_names)
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, **attrs))
         return outputs
 
     def op(self, op_type: str, inputs: list[str], hint: str, **attrs) -> str:

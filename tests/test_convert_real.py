@@ -371,3 +371,16 @@ def test_layer_output_map_is_consistent(packages):
     for li in pkg.manifest["layers"]:
         for t in li["tops"]:
             assert pkg.blobs[t]["layer"] == li["name"]
+
+
+def test_onnx_nodes_carry_the_layer_names(packages):
+    """A deployed graph reads like the prototxt: each layer's (final) node is named after the
+    layer, without a uniquifying suffix (node and value names are separate namespaces)."""
+    import onnx
+
+    for model in ("open_nsfw", "ultraface-rfb320"):
+        pkg = packages(model)
+        nodes = {n.name for n in onnx.load(str(pkg.onnx_path), load_external_data=False).graph.node}
+        layers = [li["name"] for li in pkg.manifest["layers"]]
+        missing = [n for n in layers if n not in nodes]
+        assert not missing, f"{model}: no ONNX node named after layer(s) {missing[:5]}"
