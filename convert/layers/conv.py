@@ -17,6 +17,13 @@ def conv_geometry(node, need_num_output: bool = True) -> dict:
     pad = hw(p.pad, p.pad_h, p.pad_w, p.HasField("pad_h") or p.HasField("pad_w"), 0, "pad", name)
     stride = hw(p.stride, p.stride_h, p.stride_w, p.HasField("stride_h") or p.HasField("stride_w"), 1, "stride", name)
     dilation = hw(p.dilation, 0, 0, False, 1, "dilation", name)
+    if p.HasField("hole") or p.HasField("hole_h") or p.HasField("hole_w"):  # DeepLab v1's name for it
+        hole = hw(p.hole, p.hole_h or p.hole, p.hole_w or p.hole, True, 1, "hole", name)
+        if len(p.dilation) and hole != dilation:
+            raise GraftError(f"layer '{name}': dilation {dilation} and hole {hole} disagree; give one")
+        dilation = hole
+    if any(d < 1 for d in dilation):
+        raise GraftError(f"layer '{name}': dilation/hole must be at least 1, got {dilation}")
     if need_num_output and not p.HasField("num_output"):
         raise GraftError(f"layer '{name}': num_output is not set")
     return dict(kernel=kernel, pad=pad, stride=stride, dilation=dilation, group=int(p.group),

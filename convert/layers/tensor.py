@@ -44,30 +44,46 @@ class Identity(Converter):
 
 
 class _Dropout(TorchModule):
-    """The identity in eval mode (inference, as emitted); in train mode Caffe's dropout, which
-    zeroes each value with probability ``ratio`` and scales the rest by 1/(1 - ratio)."""
+    """Caffe's dropout. Eval mode (inference, as emitted): the identity, or x·(1 − ratio) for the
+    forks' ``scale_train: false``. Train mode: each value zeroed with probability ``ratio``, the
+    rest scaled by 1/(1 − ratio) (not scaled with ``scale_train: false``)."""
 
-    def __init__(self, ratio: float):
+    def __init__(self, ratio: float, scale_train: bool = True):
         super().__init__()
-        self.ratio = ratio
+        self.ratio, self.scale_train = ratio, scale_train
 
     def forward(self, x):
-        if not self.training or self.ratio == 0.0:
+        if self.ratio == 0.0:
             return x
-        return F.dropout(x, self.ratio, training=True)
+        if not self.training:
+            return x if self.scale_train else x * (1.0 - self.ratio)
+        y = F.dropout(x, self.ratio, training=True)
+        return y if self.scale_train else y * (1.0 - self.ratio)
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}"
+        return f"ratio={self.ratio}" + ("" if self.scale_train else ", scale_train=False")
 
 
 @register
 class Dropout(Identity):
-    """The identity at inference; ``net.train()`` turns on Caffe's train-time dropout."""
+    """The identity at inference (x·(1 − ratio) with the forks' ``scale_train: false``);
+    ``net.train()`` turns on Caffe's train-time dropout."""
 
     types = ("Dropout",)
 
+    def _test_scale(self, node) -> float:
+        p = node.param("dropout_param")
+        return 1.0 if p.scale_train else 1.0 - float(p.dropout_ratio)
+
+    def onnx(self, node, b):
+        scale = self._test_scale(node)
+        if scale == 1.0:
+            return super().onnx(node, b)
+        b.add("Mul", [node.inputs[0], b.const(f"{node.name}/test_scale", scale)], node.outputs, name=node.name)
+
     def torch(self, node):
-        return _Dropout(float(node.param("dropout_param").dropout_ratio))
+        p = node.param("dropout_param")
+        return _Dropout(float(p.dropout_ratio), bool(p.scale_train))
 
 
 _PROD, _SUM, _MAX = 0, 1, 2
