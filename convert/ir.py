@@ -241,7 +241,13 @@ def build_graph(
         axes[(name, 0)] = 0 if shape[0] == batch else None
     raw_nodes: list[tuple[Node, list[tuple[str, int]], list[tuple[str, int]]]] = []
     for ls in spec.layers:
-        conv = get_converter(ls.type, ls.name)
+        try:
+            conv = get_converter(ls.type, ls.name)
+        except GraftError as err:
+            if spec.outputs is not None or not ls.bottoms:
+                raise
+            # the usual case: a fork's post-processing at the end of a net whose trunk converts
+            raise GraftError(f"{err}; to convert the net up to that layer: --outputs {','.join(ls.bottoms)}") from None
         ins = []
         for b in ls.bottoms:
             if b not in current:

@@ -146,5 +146,5 @@ def test_yolov3_trunk_leaves_its_detection_head_out():
 def test_unknown_post_processing_fails_without_outputs(tmp_path, trunk, capsys):
     proto, weights, _ = trunk
     rc, _, err = run_cli(capsys, *convert_args(proto, weights, tmp_path / "models" / "pkg"))
-    assert_one_error(rc, err, "decode", "FancyDetectionOutput")
+    assert_one_error(rc, err, "decode", "FancyDetectionOutput", "to convert the net up to that layer: --outputs ")
     assert_nothing_written(tmp_path / "models")
