@@ -18,6 +18,16 @@ from .ir import Graph
 from .parse import NetSpec
 
 FORMAT = "graft-model/1"
+#: bump when a converter computes something else for the same prototxt and weights (a fixed
+#: numerics bug): it is part of every package's graph identity, so caches keyed by it recompute
+NUMERICS = 1
+
+
+def graph_sha256(deploy_prototxt: str) -> str:
+    """The identity of a package's net apart from its weights: the canonical deploy.prototxt
+    graft wrote (every layer, parameter and input shape) and the converters' numerics version.
+    A cache or head keyed by it never serves features of another graph."""
+    return hashlib.sha256(f"{FORMAT}\nnumerics {NUMERICS}\n{deploy_prototxt}".encode()).hexdigest()
 
 
 def symbolic_shape(graph: Graph, value: str) -> list:
@@ -65,7 +75,7 @@ def _prototxt_source(src: Sources, spec: NetSpec) -> dict:
 
 
 def build_manifest(name: str, spec: NetSpec, graph: Graph, src: Sources, preprocess: dict | None,
-                   classes: list[str] | None, report: dict, weights_sha: str) -> dict[str, Any]:
+                   classes: list[str] | None, report: dict, weights_sha: str, graph_sha: str) -> dict[str, Any]:
     from . import __version__
 
     producing = {o: n for n in graph.nodes for o in n.outputs}
@@ -77,6 +87,7 @@ def build_manifest(name: str, spec: NetSpec, graph: Graph, src: Sources, preproc
         "graft_version": __version__,
         "name": name,
         "weights_sha256": weights_sha,
+        "graph_sha256": graph_sha,
         "source": {"prototxt": _prototxt_source(src, spec),
                    "caffemodel": {"path": src.caffemodel, "sha256": src.caffemodel_sha,
                                   "generation": src.caffemodel_generation, **(src.caffemodel_precision or {})}},

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GraftError
-from .manifest import FORMAT, Sources, build_manifest, format_summary
+from .manifest import FORMAT, Sources, build_manifest, format_summary, graph_sha256
 from .store import WEIGHTS_FILE, StreamingSafetensors, group_by_layer, write_safetensors
 
 __all__ = ["FORMAT", "DEFAULT_ROOT", "ModelPackage", "convert_model", "load_package", "load_torch", "sha256_file"]
@@ -74,6 +74,18 @@ class ModelPackage:
     input_name = property(lambda self: self.manifest["input"]["name"])
     input_shape = property(lambda self: list(self.manifest["input"]["shape"]))
     weights_sha256 = property(lambda self: self.manifest["weights_sha256"])
+
+    @property
+    def graph_sha256(self) -> str:
+        """The net's identity apart from its weights (recorded at convert; computed the same way
+        from deploy.prototxt for packages written before it was recorded)."""
+        recorded = self.manifest.get("graph_sha256")
+        if recorded:
+            return recorded
+        try:
+            return graph_sha256((self.dir / "deploy.prototxt").read_text())
+        except OSError as err:
+            raise GraftError(f"{self.dir}: cannot read deploy.prototxt ({err.strerror or err})") from None
     onnx_path = property(lambda self: self.dir / "model.onnx")
     classes = property(lambda self: self.manifest.get("classes"))
 
@@ -273,7 +285,8 @@ def convert_model(
                           prototxt_sha=None if prototxt_text is not None else sha256_file(Path(prototxt)),
                           caffemodel=str(caffemodel), caffemodel_sha=source_sha.result(),
                           caffemodel_generation=model.generation, caffemodel_precision=model.precision())
-            manifest = build_manifest(name, spec, graph, src, preprocess, classes, report, weights_sha)
+            manifest = build_manifest(name, spec, graph, src, preprocess, classes, report, weights_sha,
+                                      graph_sha256((tmp / "deploy.prototxt").read_text()))
             timings["total"] = time.perf_counter() - t0
             manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -241,9 +241,16 @@ def resolve_preprocess(pkg: Any, overrides: dict[str, Any] | None = None) -> Pre
     return Preprocess.from_dict(d, mean_image=mean_image)
 
 
-def cache_config(weights_sha256: str, pp: Preprocess, dtype: str, l2: bool, precision: str) -> dict[str, Any]:
-    """Everything that changes the cached numbers: the identity of a cache key folder."""
-    return {"weights_sha256": weights_sha256, "preprocess": pp.to_dict(), "dtype": dtype, "l2": bool(l2), "precision": precision}
+def cache_config(weights_sha256: str, pp: Preprocess, dtype: str, l2: bool, precision: str,
+                 graph_sha256: str | None = None) -> dict[str, Any]:
+    """Everything that changes the cached numbers: the identity of a cache key folder. The graph
+    counts as much as the weights: the same caffemodel under a corrected prototxt (a ReLU slope,
+    a pooling method) is another net."""
+    config = {"weights_sha256": weights_sha256, "preprocess": pp.to_dict(), "dtype": dtype, "l2": bool(l2),
+              "precision": precision}
+    if graph_sha256 is not None:
+        config["graph_sha256"] = graph_sha256
+    return config
 
 
 def extract(
@@ -295,7 +302,7 @@ def extract(
     net = make_backend(pkg, blobs, backend=backend, device=device, precision=precision)
     name = pkg.manifest.get("name") or Path(pkg.dir).name
     model_dir = Path(cache) if cache is not None else default_cache_root() / name
-    config = cache_config(pkg.weights_sha256, pp, dtype, l2, net.precision)
+    config = cache_config(pkg.weights_sha256, pp, dtype, l2, net.precision, pkg.graph_sha256)
     info = {"model": {"name": name, "package": str(pkg.dir), "weights_sha256": pkg.weights_sha256},
             "blob_shapes": {b: pkg.blobs[b].get("shape") for b in blobs}}
     writer = CacheWriter(model_dir / cache_key(config), config, blobs, shard_size=shard_size, info=info)

@@ -102,6 +102,10 @@ def read_card(head_dir: str | os.PathLike) -> dict:
     return card
 
 
+#: cache-key parts added after heads were first written: absent from an old card, not a mismatch
+OPTIONAL_KEY_PARTS = {"graph_sha256"}
+
+
 def check_card(
     card: dict,
     *,
@@ -126,8 +130,11 @@ def check_card(
                 for kk in sorted(set(have[k]) | set(cache_config[k])):
                     if have[k].get(kk) != cache_config[k].get(kk):
                         diffs.append(f"cache preprocess.{kk} = {cache_config[k].get(kk)!r} but the head's features used {have[k].get(kk)!r}")
+            elif k not in have and k in OPTIONAL_KEY_PARTS:
+                continue  # a head fitted before graft recorded it: nothing to compare with
             elif have.get(k) != cache_config.get(k):
-                diffs.append(f"cache {k} = {cache_config.get(k)!r} but the head's features used {have.get(k)!r}")
+                what = "graph (deploy net)" if k == "graph_sha256" else k
+                diffs.append(f"cache {what} = {cache_config.get(k)!r} but the head's features used {have.get(k)!r}")
     return diffs
 
 
