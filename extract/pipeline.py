@@ -110,11 +110,14 @@ def run_pipeline(
     workers: int = 2,
     progress: bool = True,
     flush_every_s: float = 30.0,
+    index: bool = True,
 ) -> tuple[Summary, pd.DataFrame]:
     """Compute every image of ``records`` the cache lacks; returns the summary and the failures.
 
     ``records`` gains a ``sha256`` column. The index and failures file are updated at the end,
     so an interrupted run leaves the previous index untouched (its shards are still kept).
+    ``index=False`` (predict) stores the embeddings but leaves the index, which ``fit-head``
+    trains on, as it was.
     """
     from tqdm.auto import tqdm
 
@@ -189,7 +192,8 @@ def run_pipeline(
             failures[path] = bad_sha[sha]
     summary.failed = len(failures)
     fail_df = pd.DataFrame({"path": list(failures), "reason": list(failures.values())})
-    writer.update_index(records, failures)
+    if index:
+        writer.update_index(records, failures)
     if failures or (writer.dir / "failures.csv").exists():
         summary.failures_path = str(writer.write_failures(fail_df)) if failures else None
         if not failures:
@@ -269,8 +273,12 @@ def extract(
     l2: bool = False,
     shard_size: int = 4096,
     progress: bool = True,
+    index: bool = True,
 ) -> tuple[Summary, pd.DataFrame]:
     """Embeddings of ``blobs`` of a model package for every image of ``records``, cached.
+
+    ``index=False`` stores the embeddings without adding ``records`` to the key's index: what
+    ``predict`` does, so that the images it is asked about never join a training set.
 
     ``model`` is a package name or folder (``convert.load_package``); ``cache`` the model's cache
     folder (default ``artifacts/cache/<model name>``); the key folder inside it is chosen by the
@@ -309,6 +317,6 @@ def extract(
     try:
         return run_pipeline(records, net, writer, pp,
                             batch_size=batch_size or default_batch_size(net.device),
-                            workers=workers or default_workers(net.device), progress=progress)
+                            workers=workers or default_workers(net.device), progress=progress, index=index)
     finally:
         writer.close()

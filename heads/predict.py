@@ -134,7 +134,8 @@ def _extract(source: dict, model: str, blobs: list[str], **kwargs):
 
     try:
         records = load_records(**source)
-        return (records, *extract(model, blobs, records, **kwargs))
+        # index=False: the images asked about are stored, never added to a training set
+        return (records, *extract(model, blobs, records, index=False, **kwargs))
     except (ValueError, OSError) as err:  # extract's SourceError / CacheError / BackendError are ValueErrors
         if isinstance(err, FileNotFoundError):
             raise
@@ -142,17 +143,13 @@ def _extract(source: dict, model: str, blobs: list[str], **kwargs):
 
 
 def _rows(key_dir: Path, blob: str, records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Cached features of ``records``' images (by path, else by content hash), and which have one."""
-    from extract.cache import read_key
+    """Cached features of ``records``' images, by content hash (extract gave each its sha256),
+    and which have one."""
+    from extract.cache import read_rows
 
-    X, meta = read_key(key_dir, blob)
-    row_of = {p: i for i, p in enumerate(meta["path"].astype(str))}
-    sha_row = {s: i for i, s in enumerate(meta["sha256"].astype(str))}
-    paths = records["path"].astype(str).tolist()
-    shas = records["sha256"].astype(str).tolist() if "sha256" in records else [None] * len(paths)
-    rows = [row_of.get(p, sha_row.get(s, -1) if s else -1) for p, s in zip(paths, shas)]
-    ok = np.array([r >= 0 for r in rows], dtype=bool)
-    return np.asarray(X[[r for r in rows if r >= 0]], np.float32), ok
+    shas = [None if pd.isna(s) else str(s) for s in records["sha256"]] if "sha256" in records else [None] * len(records)
+    X, ok = read_rows(key_dir, blob, shas)
+    return np.asarray(X, np.float32), ok
 
 
 def _assemble(records: pd.DataFrame, pred: pd.DataFrame, ok: np.ndarray, failures: pd.DataFrame) -> pd.DataFrame:

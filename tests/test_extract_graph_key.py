@@ -88,3 +88,43 @@ def test_old_packages_and_heads_still_work(tmp_path):
     assert load_package(pkg.dir).graph_sha256 == recorded
     old_card = {"layer": "conv5", "cache": {"config": {"dtype": "float32"}}}
     assert check_card(old_card, layer="conv5", cache_config={"dtype": "float32", "graph_sha256": recorded}) == []
+
+
+def _folder(root: Path, sub: str, n: int) -> Path:
+    """n faces per class of ``sub`` (gender-data/train or /test) as class folders of symlinks."""
+    for cls in ("female", "male"):
+        (root / cls).mkdir(parents=True)
+        for p in sorted((FACES.parent.parent / "gender-data" / sub / cls).glob("*.jpg"))[:n]:
+            (root / cls / p.name).symlink_to(p)
+    return root
+
+
+def test_predict_never_adds_its_images_to_the_training_data(tmp_path):
+    """Extract a class-per-folder train set, fit, predict a class-per-folder test folder, refit:
+    the refit must see the same training rows (predict stores embeddings, not index rows)."""
+    from extract import load_embeddings
+    from extract.pipeline import extract
+    from extract.sources import from_folder
+    from heads.fit import fit_head_from_cache
+    from heads.predict import predict_images
+    from heads.tasks import resolve_task
+
+    pkg_dir, cache = tmp_path / "det3", tmp_path / "cache"
+    convert(DET3 / "det3.prototxt", pkg_dir)
+    train = _folder(tmp_path / "train", "train", 12)
+    test = _folder(tmp_path / "test", "test", 5)
+    extract(pkg_dir, ["conv5"], from_folder(train), cache=cache, progress=False)
+    task = resolve_task(None, label_column="label", kind="classification")
+    kw = dict(model=str(pkg_dir), layer="conv5", cache=str(cache), head=["ridge"], cv=3, with_learning_curve=False)
+    first = fit_head_from_cache(task, out=tmp_path / "head", **kw)
+    X0, meta0 = load_embeddings(cache, layer="conv5")
+    assert len(meta0) == 24
+
+    res = predict_images(tmp_path / "head", images=str(test), cache=str(cache), progress=False)
+    assert len(res) == 10 and (res["error"] == "").all(), res[res["error"] != ""]
+
+    X1, meta1 = load_embeddings(cache, layer="conv5")
+    assert sorted(meta1["path"]) == sorted(meta0["path"]), "predict's images joined the training data"
+    refit = fit_head_from_cache(task, out=tmp_path / "head2", **kw)
+    n = lambda r: r.card["split"]["n_train"] + r.card["split"]["n_test"]  # noqa: E731
+    assert n(first) == n(refit) == 24
