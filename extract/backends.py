@@ -51,6 +51,25 @@ def _ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _ort_install_hint() -> str:
+    """Why onnxruntime may have no CUDA provider: both wheels installed is the usual cause."""
+    from importlib import metadata
+
+    have = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            have.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(have) == 2:
+        return ("; onnxruntime and onnxruntime-gpu are both installed and the CPU one wins: "
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    if "onnxruntime-gpu" in have:
+        return "; check that the CUDA and cuDNN versions onnxruntime-gpu was built for are installed"
+    return "; install onnxruntime-gpu instead of onnxruntime"
+
+
 def resolve(backend: str = "auto", device: str = "auto", precision: str = "auto") -> tuple[str, str, str]:
     """Turn ``auto`` choices into (backend, device, precision) that can run on this machine."""
     if backend not in BACKENDS or device not in DEVICES or precision not in PRECISIONS:
@@ -66,7 +85,7 @@ def resolve(backend: str = "auto", device: str = "auto", precision: str = "auto"
         if backend == "torch" and not _cuda_available():
             raise BackendError("--device cuda: torch sees no CUDA device")
         if backend == "onnxruntime" and not _ort_cuda_available():
-            raise BackendError("--device cuda --backend onnxruntime: CUDAExecutionProvider is not available (install onnxruntime-gpu)")
+            raise BackendError(f"--device cuda --backend onnxruntime: CUDAExecutionProvider is not available{_ort_install_hint()}")
     if precision == "auto":
         precision = "fp16" if (device == "cuda" and backend == "torch") else "fp32"
     if precision != "fp32" and not (backend == "torch" and device == "cuda"):
@@ -83,7 +102,6 @@ class OrtBackend:
         self.blobs = list(blobs)
         self.device = device
         self.precision = "fp32"
-        self.name = f"onnxruntime-{device}"
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -92,6 +110,13 @@ class OrtBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(pkg.onnx_path_for(self.blobs)), opts, providers=providers)
+        # onnxruntime falls back to CPU without a word when the CUDA libraries do not load: the
+        # provider it actually uses is what the run (and the cache manifest) reports
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise BackendError(f"--device cuda: onnxruntime runs on {self.provider}, not CUDA (its CUDA provider did not "
+                               f"load{_ort_install_hint()}); use --device cpu, or --backend torch")
+        self.name = "onnxruntime-cuda" if self.provider == "CUDAExecutionProvider" else "onnxruntime-cpu"
         self.input_name = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
         if set(self.blobs) <= set(names):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install graft with its test tools. Idempotent.
 # torch is pinned to a release that exists on PyPI; on a GPU host install the CUDA build of
-# torch (and onnxruntime-gpu, `pip install -e .[gpu]`) before running this.
+# torch before running this; for onnxruntime on CUDA, afterwards replace the CPU wheel:
+#   pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
