@@ -51,6 +51,14 @@ def _ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _auto_cuda_precision() -> str:
+    """bf16 where the GPU computes it, else fp32; never fp16 by default: Caffe nets with LRN or
+    Normalize square activations that overflow fp16 (|x| > 256) into zeros and NaN."""
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+
+
 def _ort_install_hint() -> str:
     """Why onnxruntime may have no CUDA provider: both wheels installed is the usual cause."""
     from importlib import metadata
@@ -87,7 +95,7 @@ def resolve(backend: str = "auto", device: str = "auto", precision: str = "auto"
         if backend == "onnxruntime" and not _ort_cuda_available():
             raise BackendError(f"--device cuda --backend onnxruntime: CUDAExecutionProvider is not available{_ort_install_hint()}")
     if precision == "auto":
-        precision = "fp16" if (device == "cuda" and backend == "torch") else "fp32"
+        precision = _auto_cuda_precision() if (device == "cuda" and backend == "torch") else "fp32"
     if precision != "fp32" and not (backend == "torch" and device == "cuda"):
         raise BackendError(f"--precision {precision} needs --backend torch on CUDA (autocast); use fp32 here")
     return backend, device, precision

@@ -35,9 +35,9 @@ def register(subparsers: Any) -> None:
     run = p.add_argument_group("running")
     run.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto: torch+CUDA (fp16 autocast) when a GPU is visible, else onnxruntime on CPU")
+                     help="auto: torch+CUDA (bf16 autocast where the GPU has it, else fp32) when a GPU is visible, else onnxruntime on CPU")
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                     help="compute precision; fp16/bf16 need torch on CUDA (part of the cache key)")
+                     help="compute precision (part of the cache key); fp16/bf16 need torch on CUDA; auto never picks fp16")
     run.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
     run.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(8, cores) on CUDA)")
     out = p.add_argument_group("cache")

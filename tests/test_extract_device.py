@@ -48,3 +48,15 @@ def test_install_hint_names_the_co_installed_wheels(monkeypatch):
 
     monkeypatch.setattr(metadata, "version", lambda dist: "1.0")  # both onnxruntime and onnxruntime-gpu
     assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in backends._ort_install_hint()
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_cuda_default_precision_is_bf16_or_fp32_never_fp16(monkeypatch, bf16, expected):
+    import torch
+
+    from extract import backends
+
+    monkeypatch.setattr(backends, "_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert backends.resolve("torch", "cuda", "auto") == ("torch", "cuda", expected)
+    assert backends.resolve("auto", "cuda", "auto")[2] == expected
