@@ -96,8 +96,9 @@ def resolve(backend: str = "auto", device: str = "auto", precision: str = "auto"
             raise BackendError(f"--device cuda --backend onnxruntime: CUDAExecutionProvider is not available{_ort_install_hint()}")
     if precision == "auto":
         precision = _auto_cuda_precision() if (device == "cuda" and backend == "torch") else "fp32"
-    if precision != "fp32" and not (backend == "torch" and device == "cuda"):
-        raise BackendError(f"--precision {precision} needs --backend torch on CUDA (autocast); use fp32 here")
+    # bf16 autocast also runs on CPU (AMX/AVX-512 CPUs gain from it); fp16 only on CUDA
+    if precision != "fp32" and not (backend == "torch" and (device == "cuda" or precision == "bf16")):
+        raise BackendError(f"--precision {precision} needs --backend torch on CUDA (or bf16 on CPU); use fp32 here")
     return backend, device, precision
 
 
@@ -161,17 +162,21 @@ class TorchBackend:
         self.net = net
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, reduced: bool = True) -> dict[str, np.ndarray]:
+        """The blobs of ``batch``, under autocast at the backend's precision (``reduced=False``:
+        in fp32, the reference the first batch of a reduced-precision run is checked against)."""
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        dtype = self.autocast_dtype if reduced else None
         with torch.inference_mode():
             if self.device == "cuda":
                 x = x.pin_memory().to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                    out = self.net(x, blobs=self.blobs)
-            else:
+            with torch.autocast(self.device, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = self.net(x, blobs=self.blobs)
             return {b: out[b].float().cpu().numpy() for b in self.blobs}
+
+    def run_fp32(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self.run(batch, reduced=False)
 
 
 def make_backend(pkg: Any, blobs: Sequence[str], backend: str = "auto", device: str = "auto", precision: str = "auto", threads: int | None = None) -> Backend:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +44,8 @@ class Summary:
     blobs: list[str] = field(default_factory=list)
     cache_dir: str = ""
     failures_path: str | None = None
+    #: reduced precision only: per blob, the lowest cosine of the first batch against fp32
+    precision_check: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -98,6 +100,34 @@ def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[str], Any], items: Sequenc
         if nxt is not None:
             queue.append((nxt[0], nxt[1], pool.submit(fn, nxt[1])))
         yield sha, path, fut.result()
+
+
+#: the lowest cosine to fp32 a reduced-precision run may have on its first batch, per blob
+MIN_COSINE = 0.999
+
+
+def check_precision(backend: Any, x: np.ndarray, out: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The first batch again in fp32: per blob, the lowest cosine of an image's reduced-precision
+    features to its fp32 ones. Below ``MIN_COSINE`` (LRN or Normalize squaring activations past
+    fp16's range gives zeros and NaN) the run stops before anything is stored."""
+    from extract.backends import BackendError
+
+    ref = backend.run_fp32(x)
+    cos = {}
+    for b, got in out.items():
+        a = np.asarray(got, np.float64).reshape(len(x), -1)
+        r = np.asarray(ref[b], np.float64).reshape(len(x), -1)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            c = (a * r).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1))
+        same = np.all(a == r, axis=1)  # identical (also all-zero) rows agree exactly
+        c = np.where(same, 1.0, np.nan_to_num(c, nan=-1.0))
+        cos[b] = round(float(c.min()), 6)
+    bad = {b: c for b, c in cos.items() if c < MIN_COSINE}
+    if bad:
+        worst = min(bad, key=bad.get)
+        raise BackendError(f"--precision {backend.precision}: blob {worst!r} has cosine {bad[worst]:.4f} to fp32 on the "
+                           f"first batch (below {MIN_COSINE}); use --precision fp32")
+    return cos
 
 
 def run_pipeline(
@@ -158,7 +188,10 @@ def run_pipeline(
             batch_path: list[str] = []
 
             def run_batch() -> None:
-                out = backend.run(np.stack(batch))
+                x = np.stack(batch)
+                out = backend.run(x)
+                if summary.precision != "fp32" and not summary.precision_check:
+                    summary.precision_check = check_precision(backend, x, out)
                 writer.add(batch_sha, batch_path, out)
                 summary.computed += len(batch)
                 bar.update(len(batch))
