@@ -26,12 +26,17 @@ COMMANDS = {
 }
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     argv = sys.argv[1:] if argv is None else argv
-    wanted = next((a for a in argv if not a.startswith("-")), None)
+    wanted = _command(argv)
     modules = [COMMANDS[wanted]] if wanted in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for name in modules:
         try:
@@ -73,7 +78,7 @@ FAST_EXIT = {"convert", "inspect"}
 def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     rc = main(argv)
-    if next((a for a in argv if not a.startswith("-")), None) in FAST_EXIT:
+    if _command(argv) in FAST_EXIT:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -21,18 +21,10 @@ import numpy as np
 
 from .errors import GraftError
 from .manifest import FORMAT, Sources, build_manifest, format_summary, graph_sha256
-from .store import WEIGHTS_FILE, StreamingSafetensors, group_by_layer, write_safetensors
+from .store import WEIGHTS_FILE, StreamingSafetensors, group_by_layer, sha256_file
 
 __all__ = ["FORMAT", "DEFAULT_ROOT", "ModelPackage", "convert_model", "load_package", "load_torch", "sha256_file"]
 DEFAULT_ROOT = Path("artifacts") / "models"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_model_dir(name_or_dir: str | Path) -> Path:
@@ -278,15 +270,14 @@ def convert_model(
             if preprocess is None and len(shape) == 4:
                 preprocess, mean_image = build_preprocess(shape)
             timings = {"parse": time.perf_counter() - t0}
-            weights_sha, report = _write_files(tmp, spec, graph, shapes, mean_image, classes, preprocess, timings,
-                                               writer, verify=verify, atol=atol, rtol=rtol)
+            weights_sha, graph_sha, report = _write_files(tmp, spec, graph, shapes, mean_image, classes, preprocess,
+                                                          timings, writer, verify=verify, atol=atol, rtol=rtol)
             writer = None
             src = Sources(prototxt=str(prototxt), prototxt_text=prototxt_text,
                           prototxt_sha=None if prototxt_text is not None else sha256_file(Path(prototxt)),
                           caffemodel=str(caffemodel), caffemodel_sha=source_sha.result(),
                           caffemodel_generation=model.generation, caffemodel_precision=model.precision())
-            manifest = build_manifest(name, spec, graph, src, preprocess, classes, report, weights_sha,
-                                      graph_sha256((tmp / "deploy.prototxt").read_text()))
+            manifest = build_manifest(name, spec, graph, src, preprocess, classes, report, weights_sha, graph_sha)
             timings["total"] = time.perf_counter() - t0
             manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -319,7 +310,7 @@ def _discard(writer, tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _preload_runtimes():
+def _preload_runtimes() -> None:
     """Import torch in a thread (2 s of a VGG-Face convert): meanwhile the caffemodel is read,
     its weights written, the ONNX emitted and run by onnxruntime, none of which needs torch
     (the converters import it lazily) and the slow parts of which release the GIL."""
@@ -331,39 +322,28 @@ def _preload_runtimes():
         except ImportError:  # reported where it is needed, with the usual message
             pass
 
-    t = threading.Thread(target=load, name="graft-preload", daemon=True)
-    t.start()
-    return t
+    threading.Thread(target=load, name="graft-preload", daemon=True).start()
 
 
 def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess, timings: dict, writer, *,
-                 verify: bool, atol: float | None, rtol: float | None) -> tuple[str, dict]:
+                 verify: bool, atol: float | None, rtol: float | None) -> tuple[str, str, dict]:
     """weights (already streaming to disk), model.onnx, deploy.prototxt, mean and classes into
-    ``tmp``, then verification; returns the weights' sha256 and the verification report."""
+    ``tmp``, then verification; returns the weights' and the graph's sha256 and the verification report."""
     import onnx
 
     from .emit_onnx import emit_onnx
     from .parse import to_v2_prototxt
     from .verify import ATOL, RTOL, verify_package
 
-    def emit_torch(graph):
-        from .emit_torch import emit_torch
-
-        return emit_torch(graph)
 
     t = time.perf_counter()
     arrays = {f"{n.name}.{i}": w for n in graph.nodes for i, w in enumerate(n.weights)}
-    done = writer.finish(arrays)
-    if done is None:  # a layer left blobs of the caffemodel unused: write the file the plain way
-        writer.abandon()
-        spans, sha = write_safetensors(tmp / WEIGHTS_FILE, arrays, metadata=WEIGHTS_METADATA)
-        weights_sha = _done(sha)
-    else:
-        spans, weights_sha = done
+    spans, weights_sha = writer.finish(arrays)
     refs = {k: (WEIGHTS_FILE, off, n) for k, (off, n) in spans.items()}
     onnx_model = emit_onnx(graph, refs)
     onnx.save(onnx_model, str(tmp / "model.onnx"))
-    (tmp / "deploy.prototxt").write_text(to_v2_prototxt(spec, shapes))
+    deploy = to_v2_prototxt(spec, shapes)
+    (tmp / "deploy.prototxt").write_text(deploy)
     if mean_image is not None:
         np.save(tmp / "mean.npy", mean_image.astype(np.float32))
     if classes:
@@ -374,7 +354,9 @@ def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess
     if verify:
         from .layers._common import shared_weights
 
-        def make_net():
+        def make_net():  # after onnxruntime has run: torch imports meanwhile
+            from .emit_torch import emit_torch
+
             with shared_weights():  # a throw-away net over the mapped caffemodel: no copy
                 return emit_torch(graph)
 
@@ -382,16 +364,7 @@ def _write_files(tmp: Path, spec, graph, shapes, mean_image, classes, preprocess
         report = verify_package(graph, onnx_model, tmp, make_net, feeds, ATOL if atol is None else atol,
                                 RTOL if rtol is None else rtol)
     timings["verify"] = time.perf_counter() - t
-    return weights_sha.result(), report
-
-
-def _done(value):
-    """A finished Future holding ``value``."""
-    from concurrent.futures import Future
-
-    f: Future = Future()
-    f.set_result(value)
-    return f
+    return weights_sha.result(), graph_sha256(deploy), report
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

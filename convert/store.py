@@ -96,22 +96,25 @@ class StreamingSafetensors:
         except BaseException as err:  # re-raised by finish() in the caller's thread
             self._error = err
 
-    def finish(self, arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, tuple[int, int]], Future] | None:
+    def finish(self, arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, tuple[int, int]], Future]:
         """Write the header for ``arrays`` (the final names and shapes); returns ({name: (absolute
-        offset, nbytes)}, a future of the file's sha256), or None when ``arrays`` does not match
-        what was written (the caller then writes the file with ``write_safetensors``)."""
+        offset, nbytes)}, a future of the file's sha256). When ``arrays`` does not match what was
+        written (a layer left blobs of the caffemodel unused), the file is rewritten the plain way."""
         self._thread.join()
         if self._error is not None:
             raise self._error
         same = list(arrays) == list(self.arrays) and all(
             int(a.size) == int(self.arrays[k].size) for k, a in arrays.items())
         raw, spans = _header([(k, a.shape, int(a.size) * 4) for k, a in arrays.items()], self.metadata)
+        digest: Future = Future()
         if not same or len(raw) > self.header_len:
-            return None
+            spans, sha = write_safetensors(self.path, arrays, self.metadata)
+            digest.set_result(sha)
+            return spans, digest
         with open(self.path, "r+b") as f:
             f.write(struct.pack("<Q", self.header_len) + raw + b" " * (self.header_len - len(raw)))
         pool = ThreadPoolExecutor(1, thread_name_prefix="graft-weights-sha256")
-        digest = pool.submit(_sha256_file, self.path)
+        digest = pool.submit(sha256_file, self.path)
         pool.shutdown(wait=False)
         return {k: (self.base + off, n) for k, (off, n) in spans.items()}, digest
 
@@ -123,7 +126,7 @@ class StreamingSafetensors:
             pass
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -422,17 +422,24 @@ def load_embeddings(
     return read_key(Path(cands[0]["_dir"]), layer, mmap=mmap)
 
 
-def read_rows(key_dir: Path, blob: str, shas: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of ``blob`` by content hash, from the shards alone (not the index): the rows
-    found, in order, and a mask of which ``shas`` had one."""
+def _blob_store(key_dir: Path, blob: str, mmap: bool = True) -> tuple[list[dict], list[np.ndarray], dict[str, tuple[int, int]]]:
+    """``blob``'s complete shards, their arrays, and where each content hash's row is:
+    {sha256: (shard, row)}."""
     stem = blob_file_stem(blob)
     shards = [s for s in scan_shards(key_dir) if stem in s["emb"]]
+    arrays = [np.load(key_dir / s["emb"][stem], mmap_mode="r" if mmap else None) for s in shards]
     where: dict[str, tuple[int, int]] = {}
     for si, s in enumerate(shards):
         for ri, sha in enumerate(pq.read_table(key_dir / s["meta"], columns=["sha256"]).column(0).to_pylist()):
-            where.setdefault(sha, (si, ri))
+            where.setdefault(sha, (si, ri))  # a duplicate (two racing writers) is read once
+    return shards, arrays, where
+
+
+def read_rows(key_dir: Path, blob: str, shas: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of ``blob`` by content hash, from the shards alone (not the index): the rows
+    found, in order, and a mask of which ``shas`` had one."""
+    _, arrays, where = _blob_store(key_dir, blob)
     ok = np.array([sha is not None and sha in where for sha in shas], dtype=bool)
-    arrays = [np.load(key_dir / s["emb"][stem], mmap_mode="r") for s in shards]
     rows = [arrays[where[sha][0]][where[sha][1]] for sha, k in zip(shas, ok) if k]
     dim = int(arrays[0].shape[1]) if arrays else 0
     return (np.stack(rows) if rows else np.empty((0, dim), np.float32)), ok
@@ -440,14 +447,7 @@ def read_rows(key_dir: Path, blob: str, shas: Sequence[str | None]) -> tuple[np.
 
 def read_key(key_dir: Path, blob: str, mmap: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
     """``(X, meta)`` of ``blob`` from one key folder (see :func:`load_embeddings`)."""
-    stem = blob_file_stem(blob)
-    shards = [s for s in scan_shards(key_dir) if stem in s["emb"]]
-    metas = [pq.read_table(key_dir / s["meta"], columns=["sha256"]).column(0).to_pylist() for s in shards]
-    arrays = [np.load(key_dir / s["emb"][stem], mmap_mode="r" if mmap else None) for s in shards]
-    where: dict[str, tuple[int, int]] = {}
-    for si, shas in enumerate(metas):
-        for ri, sha in enumerate(shas):
-            where.setdefault(sha, (si, ri))  # a duplicate (two racing writers) is read once
+    shards, arrays, where = _blob_store(key_dir, blob, mmap=mmap)
     index_path = key_dir / INDEX
     if index_path.exists():
         meta = pd.read_parquet(index_path)
