@@ -7,7 +7,7 @@ Layout (docs/cache-format.md)::
         manifest.json               what the key means + the list of complete shards
         emb_<blob>_<id>.npy         (rows, D) embeddings of one blob, row i <-> meta row i
         meta_<id>.parquet           sha256 (+ the path first seen) per row; written last = commit
-        index.parquet               path -> sha256 + label columns of every image extracted
+        datasets/<name>.parquet     path -> sha256 + label columns of what one input read
         failures.csv                path, reason of the last run's bad images
 
 A shard is complete iff its ``meta_<id>.parquet`` exists: embeddings are written first, each
@@ -40,12 +40,15 @@ import pyarrow.parquet as pq
 
 FORMAT = "graft-cache/1"
 MANIFEST = "manifest.json"
-INDEX = "index.parquet"
+INDEX = "index.parquet"  # graft before named datasets: one index shared by every extract of a key
+DATASETS = "datasets"
+LEGACY_DATASET = "index"  # the name an old key folder's index.parquet is read under
 FAILURES = "failures.csv"
 ID_WIDTH = 6
 STORAGE_DTYPES = ("float32", "float16")
 _META_RE = re.compile(r"^meta_(\d+)\.parquet$")
 _EMB_RE = re.compile(r"^emb_(.+)_(\d+)\.npy$")
+_DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class CacheError(ValueError):
@@ -55,6 +58,13 @@ class CacheError(ValueError):
 def default_cache_root() -> Path:
     """``$GRAFT_ARTIFACTS/cache`` or ``artifacts/cache`` under the current directory."""
     return Path(os.environ.get("GRAFT_ARTIFACTS", "artifacts")) / "cache"
+
+
+def check_dataset_name(name: str) -> str:
+    """A dataset name is a file name: letters, digits, ``.``, ``_``, ``-`` (``--dataset`` is checked here)."""
+    if not isinstance(name, str) or not _DATASET_RE.match(name) or name.endswith(".parquet"):
+        raise CacheError(f"--dataset {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
+    return name
 
 
 def blob_file_stem(blob: str) -> str:
@@ -282,9 +292,9 @@ class CacheWriter:
             "blobs": blobs,
             "rows": rows,
             "shards": self.shards,
-            "index": INDEX,
             "failures": FAILURES,
             "runs": old.get("runs", []),
+            "datasets": old.get("datasets", {}),
             "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if extra:
@@ -297,22 +307,36 @@ class CacheWriter:
         runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
         self._write_manifest({"runs": (runs + [dict(info)])[-100:]})
 
-    def update_index(self, records: pd.DataFrame, failed_paths: Iterable[str]) -> int:
-        """Merge this run's (path, sha256, labels) into index.parquet; failed paths are dropped.
+    def write_dataset(self, name: str, records: pd.DataFrame, failed_paths: Iterable[str], *, source: str | None = None,
+                      command: str = "extract", explicit: bool = True) -> int:
+        """Write this run's (path, sha256, labels) as dataset ``name``; failed paths are dropped.
 
-        Rows of earlier runs with other paths are kept, so several inputs (train, test) can share
-        a cache; a path seen again takes its new content hash and labels.
+        A dataset is what one input read, so it is replaced, never merged: a re-run of the same
+        folder mirrors the folder, and no run adds rows to a dataset another input made. A name
+        derived from the input (``explicit=False``) that already belongs to another input is
+        refused rather than overwritten.
         """
+        self.check_dataset(name, source, explicit)
         failed = set(failed_paths)
-        new = records[~records["path"].isin(failed) & records["sha256"].notna()].copy()
-        path = self.dir / INDEX
-        if path.exists():
-            old = pd.read_parquet(path)
-            old = old[~old["path"].isin(set(records["path"]))]
-            new = pd.concat([old, new], ignore_index=True) if len(old) else new
-        new = new.reset_index(drop=True)
-        _write_parquet(path, new)
-        return len(new)
+        rows = records[~records["path"].isin(failed) & records["sha256"].notna()].reset_index(drop=True)
+        (self.dir / DATASETS).mkdir(exist_ok=True)
+        _write_parquet(self.dir / DATASETS / f"{name}.parquet", rows)
+        datasets = self._datasets()
+        datasets[name] = {"file": f"{DATASETS}/{name}.parquet", "rows": len(rows), "source": source, "command": command,
+                          "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")}
+        self._write_manifest({"datasets": datasets})
+        return len(rows)
+
+    def check_dataset(self, name: str, source: str | None, explicit: bool) -> None:
+        """Raise before any work when ``name`` is not a valid name, or is derived and taken by another input."""
+        check_dataset_name(name)
+        old = self._datasets().get(name)
+        if old is not None and not explicit and source is not None and old.get("source") not in (None, source):
+            raise CacheError(f"dataset {name!r} in {self.dir} holds {old['source']}, not {source}; name this input with --dataset NAME")
+
+    def _datasets(self) -> dict[str, Any]:
+        path = self.dir / MANIFEST
+        return dict(json.loads(path.read_text()).get("datasets", {})) if path.exists() else {}
 
     def write_failures(self, failures: pd.DataFrame) -> Path:
         """failures.csv (path, reason) of this run; replaced on every run."""
@@ -363,6 +387,53 @@ def list_keys(name_or_dir: str | os.PathLike, cache_root: str | os.PathLike | No
     return out
 
 
+def list_datasets(key_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The datasets of one key folder: name -> {file, rows, source, command, updated}.
+
+    The files are the truth (``datasets/<name>.parquet``); the manifest adds where each came from.
+    An old key folder's ``index.parquet`` (every extract before named datasets) is the dataset
+    ``index``.
+    """
+    key_dir = Path(key_dir)
+    man = json.loads((key_dir / MANIFEST).read_text()).get("datasets", {}) if (key_dir / MANIFEST).exists() else {}
+    out: dict[str, dict[str, Any]] = {}
+    files = sorted((key_dir / DATASETS).glob("*.parquet")) if (key_dir / DATASETS).is_dir() else []
+    if (key_dir / INDEX).exists() and LEGACY_DATASET not in {f.stem for f in files}:
+        files.append(key_dir / INDEX)
+    for f in files:
+        name = LEGACY_DATASET if f.name == INDEX else f.stem
+        info = dict(man.get(name, {}))
+        if "updated" not in info:
+            info["updated"] = _dt.datetime.fromtimestamp(f.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="microseconds")
+        info.setdefault("command", "extract")
+        info.setdefault("source", None)
+        info["rows"] = pq.read_metadata(f).num_rows
+        info["file"] = str(f.relative_to(key_dir))
+        out[name] = info
+    return out
+
+
+def _describe_datasets(datasets: Mapping[str, Mapping[str, Any]]) -> str:
+    return ", ".join(f"{n} ({d['rows']} rows, {d['command']}, {d.get('source') or '?'})" for n, d in datasets.items()) or "none"
+
+
+def choose_dataset(key_dir: str | os.PathLike, dataset: str | None = None) -> str | None:
+    """``dataset`` if the key folder has it; by default the most recently extracted one (datasets
+    ``predict`` wrote are never a default: they are what a head was asked about). None when no
+    run has finished yet."""
+    datasets = list_datasets(key_dir)
+    if dataset is not None:
+        if dataset not in datasets:
+            raise CacheError(f"no dataset {dataset!r} in {key_dir}; datasets: {_describe_datasets(datasets)}")
+        return dataset
+    if not datasets:
+        return None
+    extracted = [n for n, d in datasets.items() if d.get("command") != "predict"]
+    if not extracted:
+        raise CacheError(f"{key_dir} holds only datasets predict wrote ({_describe_datasets(datasets)}); choose one with --dataset")
+    return max(extracted, key=lambda n: datasets[n]["updated"])
+
+
 def _describe(m: Mapping[str, Any]) -> str:
     c = m["config"]
     pp = c.get("preprocess", {})
@@ -381,6 +452,7 @@ def load_embeddings(
     l2: bool | None = None,
     precision: str | None = None,
     key: str | None = None,
+    dataset: str | None = None,
     cache_root: str | os.PathLike | None = None,
     mmap: bool = True,
 ) -> tuple[np.ndarray, pd.DataFrame]:
@@ -390,7 +462,9 @@ def load_embeddings(
     or one key folder. When several keys hold ``layer`` (two preprocessings, dtypes, ...), choose
     with ``dtype=``, ``l2=``, ``precision=`` or ``key=``; otherwise the error lists them.
 
-    One row per indexed image path: an image present under two paths (two labels) appears twice.
+    ``dataset`` names what one extract read (default: the key's most recently extracted dataset;
+    ``meta.attrs["dataset"]`` says which). One row per path of the dataset: an image present
+    under two paths (two labels) appears twice.
     ``X`` is a read-only memory map when the rows are exactly one shard in order; otherwise a
     gathered in-memory array. Indexed paths without embeddings (an interrupted or failed run)
     are left out with a warning.
@@ -415,11 +489,13 @@ def load_embeddings(
         cands = [m for m in cands if bool(m["config"].get("l2")) == bool(l2)]
     if precision is not None:
         cands = [m for m in cands if m["config"].get("precision") == precision]
+    if dataset is not None and len(cands) > 1:
+        cands = [m for m in cands if dataset in list_datasets(m["_dir"])] or cands
     if len(cands) != 1:
         listed = "; ".join(_describe(m) for m in [m for m in keys if layer in m.get("blobs", {})])
         what = "no cache key matches" if not cands else f"{len(cands)} cache keys hold layer {layer!r}"
         raise CacheError(f"{what}; choose with key=/dtype=/l2=/precision=: {listed}")
-    return read_key(Path(cands[0]["_dir"]), layer, mmap=mmap)
+    return read_key(Path(cands[0]["_dir"]), layer, mmap=mmap, dataset=dataset)
 
 
 def _blob_store(key_dir: Path, blob: str, mmap: bool = True) -> tuple[list[dict], list[np.ndarray], dict[str, tuple[int, int]]]:
@@ -445,20 +521,22 @@ def read_rows(key_dir: Path, blob: str, shas: Sequence[str | None]) -> tuple[np.
     return (np.stack(rows) if rows else np.empty((0, dim), np.float32)), ok
 
 
-def read_key(key_dir: Path, blob: str, mmap: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
-    """``(X, meta)`` of ``blob`` from one key folder (see :func:`load_embeddings`)."""
+def read_key(key_dir: Path, blob: str, mmap: bool = True, dataset: str | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """``(X, meta)`` of ``blob`` and one dataset's rows from one key folder (see :func:`load_embeddings`)."""
+    key_dir = Path(key_dir)
+    name = choose_dataset(key_dir, dataset)
     shards, arrays, where = _blob_store(key_dir, blob, mmap=mmap)
-    index_path = key_dir / INDEX
-    if index_path.exists():
-        meta = pd.read_parquet(index_path)
+    if name is not None:
+        meta = pd.read_parquet(key_dir / list_datasets(key_dir)[name]["file"])
     else:  # no run finished yet: one row per cached image, paths as first seen
         meta = pd.concat([pd.read_parquet(key_dir / s["meta"]) for s in shards], ignore_index=True) if shards else pd.DataFrame({"sha256": [], "path": []})
         meta = meta.drop_duplicates("sha256")[["path", "sha256"]]
     have = meta["sha256"].isin(where.keys())
     if not have.all():
-        warnings.warn(f"{key_dir}: {int((~have).sum())} indexed image(s) have no {blob!r} embedding yet (interrupted or failed run); left out", stacklevel=2)
+        warnings.warn(f"{key_dir}: {int((~have).sum())} image(s) of dataset {name!r} have no {blob!r} embedding yet (interrupted or failed run); left out", stacklevel=2)
         meta = meta[have]
     meta = meta.reset_index(drop=True)
+    meta.attrs["dataset"] = name
     dim = int(arrays[0].shape[1]) if arrays else 0
     dtype = arrays[0].dtype if arrays else np.dtype(np.float32)
     pos = [where[s] for s in meta["sha256"]]

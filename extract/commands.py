@@ -26,6 +26,8 @@ def register(subparsers: Any) -> None:
     src.add_argument("--list", dest="list_file", metavar="FILE", help="Caffe list file: 'relative/path.jpg LABEL' per line")
     src.add_argument("--path-column", metavar="NAME", help="CSV column holding the image path (default: guessed: path, file, image, ...)")
     src.add_argument("--root", metavar="DIR", help="folder relative paths of --csv/--list resolve against (default: that file's folder)")
+    src.add_argument("--dataset", metavar="NAME", help="name of the dataset these rows become, what fit-head --dataset "
+                     "trains on (default: the folder's name or the file's stem; a re-run replaces it)")
     pp = p.add_argument_group("preprocessing overrides (default: the package manifest's)")
     pp.add_argument("--mean", type=mean, metavar="M[,M,M]", help="per-channel mean, model channel order (replaces a mean image)")
     pp.add_argument("--scale", type=float, help="multiply after mean subtraction")
@@ -70,7 +72,7 @@ def run_extract(args: argparse.Namespace) -> int:
             summary, _ = extract(
                 args.model, blobs, records, cache=args.cache, preprocess=overrides, backend=args.backend, device=args.device,
                 precision=args.precision, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, l2=args.l2,
-                shard_size=args.shard_size, progress=not args.no_progress,
+                shard_size=args.shard_size, progress=not args.no_progress, dataset=args.dataset,
             )
         finally:
             signal.signal(signal.SIGTERM, old)

@@ -26,6 +26,20 @@ from extract.cache import CacheWriter
 from extract.preprocess import ImageError, Preprocess
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """Where a run's rows (path, sha256, labels) go: one named dataset of the key folder.
+
+    ``explicit`` is False for a name derived from the input, which may then not take over a
+    dataset another input wrote; ``command`` is ``predict`` for the images a head was asked
+    about, which fit-head never picks by default."""
+
+    name: str
+    source: str | None = None
+    command: str = "extract"
+    explicit: bool = False
+
+
 @dataclass
 class Summary:
     """What a run did; printed by the CLI and appended to the cache manifest."""
@@ -44,6 +58,7 @@ class Summary:
     blobs: list[str] = field(default_factory=list)
     cache_dir: str = ""
     failures_path: str | None = None
+    dataset: str | None = None
     #: reduced precision only: per blob, the lowest cosine of the first batch against fp32
     precision_check: dict[str, float] = field(default_factory=dict)
 
@@ -140,14 +155,14 @@ def run_pipeline(
     workers: int = 2,
     progress: bool = True,
     flush_every_s: float = 30.0,
-    index: bool = True,
+    dataset: Dataset | str | None = None,
 ) -> tuple[Summary, pd.DataFrame]:
     """Compute every image of ``records`` the cache lacks; returns the summary and the failures.
 
-    ``records`` gains a ``sha256`` column. The index and failures file are updated at the end,
-    so an interrupted run leaves the previous index untouched (its shards are still kept).
-    ``index=False`` (predict) stores the embeddings but leaves the index, which ``fit-head``
-    trains on, as it was.
+    ``records`` gains a ``sha256`` column. The run's rows become ``dataset`` (a :class:`Dataset`
+    or a name; default: named after the records' source), replacing a dataset of that name, and
+    the failures file is written at the end, so an interrupted run leaves the previous dataset
+    untouched (its shards are still kept).
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +170,8 @@ def run_pipeline(
     summary = Summary(images=len(records), backend=getattr(backend, "name", type(backend).__name__),
                       precision=getattr(backend, "precision", "fp32"), batch_size=batch_size, workers=workers,
                       blobs=list(writer.blobs), cache_dir=str(writer.dir))
+    dataset = _dataset_of(records, dataset)
+    writer.check_dataset(dataset.name, dataset.source, dataset.explicit)
     paths = records["path"].astype(str).tolist()
     failures: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-decode") as pool:
@@ -225,8 +242,9 @@ def run_pipeline(
             failures[path] = bad_sha[sha]
     summary.failed = len(failures)
     fail_df = pd.DataFrame({"path": list(failures), "reason": list(failures.values())})
-    if index:
-        writer.update_index(records, failures)
+    writer.write_dataset(dataset.name, records, failures, source=dataset.source, command=dataset.command,
+                         explicit=dataset.explicit)
+    summary.dataset = dataset.name
     if failures or (writer.dir / "failures.csv").exists():
         summary.failures_path = str(writer.write_failures(fail_df)) if failures else None
         if not failures:
@@ -236,12 +254,28 @@ def run_pipeline(
     return summary, fail_df
 
 
+def _dataset_of(records: pd.DataFrame, dataset: Dataset | str | None) -> Dataset:
+    """The run's dataset: as given, or named after the records' single source."""
+    if isinstance(dataset, Dataset):
+        return dataset
+    from extract.sources import dataset_name, input_source
+
+    sources = records["source"].dropna().astype(str).unique().tolist() if "source" in records else []
+    src = input_source(images=sources[0]) if len(sources) == 1 and sources[0] else None
+    if dataset is not None:
+        return Dataset(str(dataset), source=src, explicit=True)
+    if src is None:
+        raise ValueError("records come from several sources (or none): give the dataset a name (--dataset NAME)")
+    is_dir = os.path.isdir(src)
+    return Dataset(dataset_name(images=src) if is_dir else dataset_name(csv=src), source=src)
+
+
 def format_summary(s: Summary) -> str:
     """The few lines the CLI prints at the end of a run."""
     lines = [
         f"images: {s.images} ({s.unique} distinct; {s.cached} already cached, {s.computed} computed, {s.failed} failed)",
         f"throughput: {s.images_per_s:.1f} images/s ({s.backend}, {s.precision}, batch {s.batch_size}, {s.workers} workers); total {s.seconds:.1f} s",
-        f"cache: {s.cache_dir} (blobs: {', '.join(s.blobs)})",
+        f"cache: {s.cache_dir} (blobs: {', '.join(s.blobs)}{'; dataset: ' + s.dataset if s.dataset else ''})",
     ]
     if s.failures_path:
         lines.append(f"failures: {s.failed} image(s) skipped, listed in {s.failures_path}")
@@ -306,12 +340,13 @@ def extract(
     l2: bool = False,
     shard_size: int = 4096,
     progress: bool = True,
-    index: bool = True,
+    dataset: Dataset | str | None = None,
 ) -> tuple[Summary, pd.DataFrame]:
     """Embeddings of ``blobs`` of a model package for every image of ``records``, cached.
 
-    ``index=False`` stores the embeddings without adding ``records`` to the key's index: what
-    ``predict`` does, so that the images it is asked about never join a training set.
+    ``dataset`` names the key's dataset this run's rows become (a :class:`Dataset`, or a name);
+    default: derived from ``records``' source (``train`` for a folder ``data/train``). ``predict``
+    passes its own, so the images it is asked about never join a training set.
 
     ``model`` is a package name or folder (``convert.load_package``); ``cache`` the model's cache
     folder (default ``artifacts/cache/<model name>``); the key folder inside it is chosen by the
@@ -350,6 +385,7 @@ def extract(
     try:
         return run_pipeline(records, net, writer, pp,
                             batch_size=batch_size or default_batch_size(net.device),
-                            workers=workers or default_workers(net.device), progress=progress, index=index)
+                            workers=workers or default_workers(net.device), progress=progress,
+                            dataset=dataset)
     finally:
         writer.close()

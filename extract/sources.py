@@ -10,6 +10,7 @@ bad row never stops a run.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -127,6 +128,23 @@ def from_list(list_file: str | os.PathLike, root: str | os.PathLike | None = Non
     if any(lab is not None for lab in labels):
         df["label"] = pd.array(labels, dtype="Int64")
     return df
+
+
+def dataset_name(images: str | None = None, csv: str | None = None, list_file: str | None = None) -> str:
+    """The default dataset name of an input: the folder's name, or the CSV's / list file's stem
+    (``data/faces/train`` -> ``train``, ``labels.csv`` -> ``labels``), made file-name safe."""
+    given = images or csv or list_file
+    if not given:
+        raise SourceError("give exactly one of --images, --csv, --list")
+    p = Path(os.path.abspath(os.path.expanduser(given)))
+    stem = p.name if images else p.stem
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "dataset"
+    return name[:128]
+
+
+def input_source(images: str | None = None, csv: str | None = None, list_file: str | None = None) -> str:
+    """Absolute path of the input, what a dataset records as where it came from."""
+    return os.path.abspath(os.path.expanduser(images or csv or list_file or ""))
 
 
 def load_records(

@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
     f.add_argument("--layer", required=True, help="blob whose cached embeddings to use")
     f.add_argument("--cache", metavar="DIR", help="cache folder (default: artifacts/cache/<model>)")
     f.add_argument("--cache-key", metavar="KEY", help="cache key, when several hold the layer")
+    f.add_argument("--dataset", metavar="NAME", help="the extracted dataset to train on (default: the most recently "
+                   "extracted; predict's datasets are never the default)")
     h = p.add_argument_group("head and search")
     h.add_argument("--head", default="auto", choices=("auto", "logreg", "ridge", "mlp"),
                    help="auto: chosen by CV among logreg / ridge / mlp (regression: ridge / mlp)")
@@ -102,7 +104,7 @@ def run_fit_head(args: argparse.Namespace) -> int:
         raise GraftError(f"--cv must be at least 2, got {args.cv}")
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     res = fit_head_from_cache(
-        spec, model=args.model, layer=args.layer, cache=args.cache, cache_key=args.cache_key, labels=args.labels,
+        spec, model=args.model, layer=args.layer, cache=args.cache, cache_key=args.cache_key, dataset=args.dataset, labels=args.labels,
         labels_path_column=args.labels_path_column, head=args.head, preprocess=modes, n_components=args.pca,
         alphas=args.alphas, split_column=args.split_column, group_column=args.group_column, test_size=args.test_size,
         cv=args.cv, holdout=args.holdout, scoring=args.scoring, hidden_layer_sizes=args.hidden, max_iter=args.max_iter,

@@ -203,8 +203,9 @@ def model_info(model: str | os.PathLike | None, cache_config: dict | None) -> di
     return info
 
 
-def cache_info(source: str | os.PathLike, layer: str, key: str | None = None) -> dict | None:
-    """The cache key folder ``load_embeddings`` reads for ``layer``: {"dir", "key", "config"}."""
+def cache_info(source: str | os.PathLike, layer: str, key: str | None = None, dataset: str | None = None) -> dict | None:
+    """The cache key folder ``load_embeddings`` reads for ``layer``: {"dir", "key", "config", "model"},
+    and with ``dataset`` (the name it read) that dataset's {name, rows, source}."""
     try:
         from extract import list_keys
     except ImportError:
@@ -215,10 +216,20 @@ def cache_info(source: str | os.PathLike, layer: str, key: str | None = None) ->
         return None
     if key is not None:
         keys = [m for m in keys if m.get("key") == key]
+    if dataset is not None and len(keys) > 1:
+        from extract.cache import list_datasets
+
+        keys = [m for m in keys if dataset in list_datasets(m["_dir"])] or keys
     if len(keys) != 1:
         return None
     m = keys[0]
-    return {"dir": m.get("_dir"), "key": m.get("key"), "config": m.get("config"), "model": m.get("model")}
+    info = {"dir": m.get("_dir"), "key": m.get("key"), "config": m.get("config"), "model": m.get("model")}
+    if dataset is not None:
+        from extract.cache import list_datasets
+
+        d = list_datasets(m["_dir"]).get(dataset, {})
+        info["dataset"] = {"name": dataset, "rows": d.get("rows"), "source": d.get("source")}
+    return info
 
 
 def fit_head_from_cache(
@@ -228,6 +239,7 @@ def fit_head_from_cache(
     layer: str,
     cache: str | os.PathLike | None = None,
     cache_key: str | None = None,
+    dataset: str | None = None,
     labels: str | os.PathLike | None = None,
     labels_path_column: str | None = None,
     **kwargs: Any,
@@ -240,13 +252,17 @@ def fit_head_from_cache(
     if source is None:
         raise GraftError("give --model (its default cache) or --cache DIR")
     try:
-        X, meta = load_embeddings(source, layer, key=cache_key)
+        X, meta = load_embeddings(source, layer, key=cache_key, dataset=dataset)
     except ValueError as err:  # extract's CacheError is a ValueError
         raise GraftError(str(err)) from err
+    used = meta.attrs.get("dataset")
     if labels is not None:
         lab = pd.read_csv(labels)
         meta = join_labels(meta, lab, labels_path_column)
-    cinfo = cache_info(source, layer, cache_key)
+    cinfo = cache_info(source, layer, cache_key, used)
+    log = kwargs.get("log")
+    if log is not None and used is not None:
+        log(f"dataset: {used} ({len(meta)} rows{', chosen as the most recently extracted' if dataset is None else ''})")
     if model is None and cinfo and cinfo.get("model"):  # the cache remembers its package
         model = cinfo["model"].get("package") or cinfo["model"].get("name")
     minfo = model_info(model, cinfo.get("config") if cinfo else None)

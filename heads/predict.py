@@ -129,13 +129,15 @@ def predict_with_model(
 
 def _extract(source: dict, model: str, blobs: list[str], **kwargs):
     """The input's records and extract's (summary, failures) for them; bad input is a GraftError."""
-    from extract.pipeline import extract
-    from extract.sources import load_records
+    from extract.pipeline import Dataset, extract
+    from extract.sources import dataset_name, input_source, load_records
 
     try:
         records = load_records(**source)
-        # index=False: the images asked about are stored, never added to a training set
-        return (records, *extract(model, blobs, records, index=False, **kwargs))
+        # the images asked about get predict's own dataset: stored, never part of a training set
+        where = {k: source.get(k) for k in ("images", "csv")}
+        own = Dataset(f"predict-{dataset_name(**where)}", source=input_source(**where), command="predict", explicit=True)
+        return (records, *extract(model, blobs, records, dataset=own, **kwargs))
     except (ValueError, OSError) as err:  # extract's SourceError / CacheError / BackendError are ValueErrors
         if isinstance(err, FileNotFoundError):
             raise

@@ -226,7 +226,7 @@ def test_predict_with_model_top_k_and_class_names(tmp_path):
                                  "p_top3", "error"]
     from extract.cache import load_embeddings
 
-    X, meta = load_embeddings(tmp_path / "cache", layer="prob")
+    X, meta = load_embeddings(tmp_path / "cache", layer="prob", dataset="predict-imgs")
     for _, row in res.iterrows():
         p = X[int(np.flatnonzero(meta["path"].to_numpy() == row["path"])[0])]
         order = np.argsort(-p, kind="stable")[:3]  # saturated softmax: ties go to the lower class index
@@ -257,6 +257,6 @@ def test_predict_with_model_single_output_is_a_value(tmp_path):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
     res = predict_with_model(pkg.dir, images=str(tmp_path / "imgs"), cache=tmp_path / "cache", progress=False)
     assert list(res.columns) == ["path", "rel_path", "prediction", "error"]
-    X, meta = load_embeddings(tmp_path / "cache", layer="age")
+    X, meta = load_embeddings(tmp_path / "cache", layer="age", dataset="predict-imgs")
     want = dict(zip(meta["path"], X[:, 0]))
     np.testing.assert_allclose(res["prediction"].astype(float), [want[p] for p in res["path"]], rtol=1e-6)
