@@ -47,6 +47,8 @@ def register(subparsers: Any) -> None:
     out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
     out.add_argument("--l2", action="store_true", help="store L2-normalised rows (recorded in the cache key)")
     out.add_argument("--shard-size", type=positive, default=4096, help="rows per shard file (also the most a kill can lose)")
+    out.add_argument("--rehash", action="store_true", help="read and hash every file, not trusting the stat memo "
+                     "(files whose size, times and inode are unchanged since a past run keep their sha256 unread)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_extract)
 
@@ -73,6 +75,7 @@ def run_extract(args: argparse.Namespace) -> int:
                 args.model, blobs, records, cache=args.cache, preprocess=overrides, backend=args.backend, device=args.device,
                 precision=args.precision, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, l2=args.l2,
                 shard_size=args.shard_size, progress=not args.no_progress, dataset=args.dataset,
+                stat_memo=not args.rehash,
             )
         finally:
             signal.signal(signal.SIGTERM, old)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +26,7 @@ import pandas as pd
 from convert.package import sha256_file
 from extract.cache import CacheWriter
 from extract.preprocess import ImageError, Preprocess
+from extract.statmemo import StatMemo
 
 
 @dataclass(frozen=True)
@@ -101,20 +104,66 @@ def _load_one(pp: Preprocess, path: str, shape: tuple[int, ...] | None) -> np.nd
     return x
 
 
-def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[str], Any], items: Sequence[tuple[str, str]], depth: int) -> Iterator[tuple[str, str, Any]]:
-    """Yield ``(sha, path, fn(path))`` in order while up to ``depth`` calls run ahead."""
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[str], Any], items: Sequence[tuple[int, str]], depth: int) -> Iterator[tuple[int, str, Any]]:
+    """Yield ``(i, path, fn(path))`` in order while up to ``depth`` calls run ahead."""
     it = iter(items)
-    queue: deque[tuple[str, str, Future]] = deque()
-    for sha, path in it:
-        queue.append((sha, path, pool.submit(fn, path)))
+    queue: deque[tuple[int, str, Future]] = deque()
+    for i, path in it:
+        queue.append((i, path, pool.submit(fn, path)))
         if len(queue) >= depth:
             break
     while queue:
-        sha, path, fut = queue.popleft()
+        i, path, fut = queue.popleft()
         nxt = next(it, None)
         if nxt is not None:
             queue.append((nxt[0], nxt[1], pool.submit(fn, nxt[1])))
-        yield sha, path, fut.result()
+        yield i, path, fut.result()
+
+
+DUPLICATE = "duplicate"  # another path of this run holds the same bytes and computes them
+CACHED = "cached"  # the cache already holds every requested blob of these bytes
+
+
+class _Claims:
+    """Which contents this run has taken on: the first path of each sha256 computes it, the rest
+    (duplicates) and contents the cache already holds are skipped before decoding."""
+
+    def __init__(self, writer: CacheWriter) -> None:
+        self.writer = writer
+        self.seen: set[str] = set()
+        self.cached: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, sha: str) -> str | None:
+        """None when the caller must compute ``sha``; else DUPLICATE or CACHED."""
+        with self._lock:
+            if sha in self.seen:
+                return DUPLICATE
+            self.seen.add(sha)
+            if not self.writer.needs(sha):
+                self.cached.add(sha)
+                return CACHED
+            return None
+
+
+def _hash_claim_load(path: str, sha: str | None, claims: _Claims, memo: StatMemo | None, pp: Preprocess,
+                     shape: tuple[int, ...] | None) -> tuple[str | None, np.ndarray | str]:
+    """One file, in a worker: its sha256 (read and hashed unless the memo knew it), then the
+    network input if this run must compute it. Returns (sha, array | DUPLICATE | CACHED | reason)."""
+    if sha is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        sha, reason = hash_or_reason(path)
+        if sha is None:
+            return None, reason or "unreadable"
+        if memo is not None and st is not None:
+            memo.remember(path, st, sha)
+    skip = claims.claim(sha)
+    if skip is not None:
+        return sha, skip
+    return sha, _load_one(pp, path, shape)
 
 
 #: the lowest cosine to fp32 a reduced-precision run may have on its first batch, per blob
@@ -156,13 +205,15 @@ def run_pipeline(
     progress: bool = True,
     flush_every_s: float = 30.0,
     dataset: Dataset | str | None = None,
+    stat_memo: bool = True,
 ) -> tuple[Summary, pd.DataFrame]:
     """Compute every image of ``records`` the cache lacks; returns the summary and the failures.
 
     ``records`` gains a ``sha256`` column. The run's rows become ``dataset`` (a :class:`Dataset`
     or a name; default: named after the records' source), replacing a dataset of that name, and
     the failures file is written at the end, so an interrupted run leaves the previous dataset
-    untouched (its shards are still kept).
+    untouched (its shards are still kept). ``stat_memo`` lets files whose stat signature is
+    unchanged since a past run keep their hash unread (``extract.statmemo``).
     """
     from tqdm.auto import tqdm
 
@@ -174,23 +225,25 @@ def run_pipeline(
     writer.check_dataset(dataset.name, dataset.source, dataset.explicit)
     paths = records["path"].astype(str).tolist()
     failures: dict[str, str] = {}
+    shas: list[str | None] = [None] * len(paths)
+    claims = _Claims(writer)
+    memo = StatMemo(writer.dir.parent) if stat_memo else None
+    todo: list[tuple[int, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-decode") as pool:
-        hashed = list(tqdm(pool.map(hash_or_reason, paths, chunksize=16), total=len(paths), desc="hashing", unit="file",
-                           disable=not progress, leave=False))
-        shas: list[str | None] = []
-        for path, (sha, reason) in zip(paths, hashed):
-            shas.append(sha)
-            if reason is not None:
-                failures[path] = reason
-        records["sha256"] = pd.array(shas, dtype="string")
-
-        first_path: dict[str, str] = {}
-        for path, sha in zip(paths, shas):
-            if sha is not None:
-                first_path.setdefault(sha, path)
-        summary.unique = len(first_path)
-        todo = [(sha, p) for sha, p in first_path.items() if writer.needs(sha)]
-        summary.cached = summary.unique - len(todo)
+        known: dict[str, str] = {}
+        if memo is not None and len(memo):
+            known = {p: sha for p in paths if (sha := memo.lookup(p)) is not None}
+            if known and not memo.spot_check(known, lambda p: hash_or_reason(p)[0]):
+                warnings.warn(f"{memo.path}: a file's content changed under an unchanged stat signature; "
+                              "every file is hashed again this run", stacklevel=2)
+                known = {}
+        for i, path in enumerate(paths):
+            sha = known.get(path)
+            if sha is not None and (sha in claims.seen or not writer.needs(sha)):
+                claims.claim(sha)  # known and nothing to compute: the file is not even opened
+                shas[i] = sha
+            else:
+                todo.append((i, path))
 
         in_shape = pp.input_shape()
         bad_sha: dict[str, str] = {}
@@ -216,26 +269,40 @@ def run_pipeline(
                 batch_sha.clear()
                 batch_path.clear()
 
-            for sha, path, x in _prefetch(pool, lambda p: _load_one(pp, p, in_shape), todo, depth=max(2 * batch_size, 4 * workers)):
-                if isinstance(x, str):
-                    bad_sha[sha] = x
+            def work(path: str) -> tuple[str | None, np.ndarray | str]:
+                return _hash_claim_load(path, known.get(path), claims, memo, pp, in_shape)
+
+            for i, path, (sha, x) in _prefetch(pool, work, todo, depth=max(2 * batch_size, 4 * workers)):
+                shas[i] = sha
+                if sha is None:
+                    failures[path] = str(x)
                     bar.update(1)
-                    bar.set_postfix(failed=len(bad_sha), refresh=False)
-                    continue
-                batch.append(x)
-                batch_sha.append(sha)
-                batch_path.append(path)
-                if len(batch) >= batch_size:
-                    run_batch()
-                    if time.perf_counter() - last_flush > flush_every_s:
-                        writer.flush()  # bound the work a kill can lose
-                        last_flush = time.perf_counter()
+                elif isinstance(x, str):
+                    if x not in (DUPLICATE, CACHED):
+                        bad_sha[sha] = x
+                        bar.set_postfix(failed=len(bad_sha), refresh=False)
+                    bar.update(1)
+                else:
+                    batch.append(x)
+                    batch_sha.append(sha)
+                    batch_path.append(path)
+                    if len(batch) >= batch_size:
+                        run_batch()
+                        if time.perf_counter() - last_flush > flush_every_s:
+                            writer.flush()  # bound the work a kill can lose
+                            last_flush = time.perf_counter()
             if batch:
                 run_batch()
         finally:
             bar.close()
             writer.flush()  # also on Ctrl-C: every computed row is complete, keep it
+            if memo is not None:
+                memo.save()
         summary.infer_seconds = time.perf_counter() - t1
+    records["sha256"] = pd.array(shas, dtype="string")
+    summary.unique = len(claims.seen)
+    summary.cached = len(claims.cached)
+    summary.backend = getattr(backend, "name", summary.backend)
 
     for path, sha in zip(paths, shas):
         if sha is not None and sha in bad_sha:
@@ -341,6 +408,7 @@ def extract(
     shard_size: int = 4096,
     progress: bool = True,
     dataset: Dataset | str | None = None,
+    stat_memo: bool = True,
 ) -> tuple[Summary, pd.DataFrame]:
     """Embeddings of ``blobs`` of a model package for every image of ``records``, cached.
 
@@ -353,7 +421,7 @@ def extract(
     weights, preprocessing, dtype, l2 and precision.
     """
     from convert import load_package
-    from extract.backends import default_batch_size, default_workers, make_backend
+    from extract.backends import LazyBackend, default_batch_size, default_workers
     from extract.cache import STORAGE_DTYPES, cache_key, default_cache_root
 
     if dtype not in STORAGE_DTYPES:
@@ -375,7 +443,7 @@ def extract(
     pp = resolve_preprocess(pkg, preprocess)
     if pp.output_size() is None:
         raise ValueError("the package gives no input size; pass --resize H,W")
-    net = make_backend(pkg, blobs, backend=backend, device=device, precision=precision)
+    net = LazyBackend(pkg, blobs, backend=backend, device=device, precision=precision)
     name = pkg.manifest.get("name") or Path(pkg.dir).name
     model_dir = Path(cache) if cache is not None else default_cache_root() / name
     config = cache_config(pkg.weights_sha256, pp, dtype, l2, net.precision, pkg.graph_sha256)
@@ -386,6 +454,6 @@ def extract(
         return run_pipeline(records, net, writer, pp,
                             batch_size=batch_size or default_batch_size(net.device),
                             workers=workers or default_workers(net.device), progress=progress,
-                            dataset=dataset)
+                            dataset=dataset, stat_memo=stat_memo)
     finally:
         writer.close()

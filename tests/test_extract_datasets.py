@@ -121,7 +121,7 @@ def test_old_single_index_still_loads(world, tmp_path):
 
     common = ["--model", str(world["pkg"]), "--layer", "conv5", "--cache", str(tmp_path / "c"), "--no-progress"]
     assert _cli("extract", *common, "--images", str(world["train"])) == 0
-    key = next(p for p in (tmp_path / "c").iterdir())
+    key = next(p for p in (tmp_path / "c").iterdir() if (p / "manifest.json").exists())
     shutil.move(key / "datasets" / "train.parquet", key / "index.parquet")
     (key / "datasets").rmdir()
     man = json.loads((key / "manifest.json").read_text())
