@@ -11,7 +11,7 @@ else onnxruntime on CPU (measured faster than torch CPU: docs/benchmarks.md).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -140,10 +140,54 @@ class OrtBackend:
         return {b: np.asarray(o, dtype=np.float32) for b, o in zip(self.blobs, outs)}
 
 
-class TorchBackend:
-    """``convert.load_torch`` module; CUDA runs channels_last under autocast."""
+class DeviceNormalize:
+    """The float part of preprocessing (mean, mean image, scale, NHWC -> NCHW, transpose) as torch
+    ops on the device, so a GPU run ships uint8 images: 4x fewer bytes over PCIe than float32,
+    and no float work left to the decode threads. Elementwise the same float32 operations as
+    ``Preprocess.normalize``, so the results are bit-identical to the host path."""
 
-    def __init__(self, pkg: Any, blobs: Sequence[str], device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
+    def __init__(self, pp: Any, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.mean = None if pp.mean is None else torch.tensor(pp.mean, dtype=torch.float32, device=device)
+        self.mean_image = None
+        if pp.mean_image is not None and pp.input_shape() is not None:
+            from extract.preprocess import _fit_mean
+
+            c, h, w = pp.input_shape()
+            hw = (w, h) if pp.transpose else (h, w)
+            self.mean_image = torch.from_numpy(np.ascontiguousarray(_fit_mean(pp.mean_image, hw))).to(device)
+        self.scale = float(pp.scale)
+        self.transpose = bool(pp.transpose)
+
+    def __call__(self, x: Any) -> Any:
+        """uint8 (N, H, W, C) tensor on the device -> float32 (N, C, H, W)."""
+        x = x.float()
+        if self.mean is not None:
+            x = x - self.mean
+        x = x.permute(0, 3, 1, 2)
+        if self.mean_image is not None:
+            x = x - self.mean_image
+        if self.scale != 1.0:
+            x = x * self.torch.tensor(self.scale, dtype=self.torch.float32)
+        if self.transpose:
+            x = x.transpose(2, 3)
+        return x
+
+
+class TorchBackend:
+    """``convert.load_torch`` module; CUDA runs channels_last under autocast.
+
+    Given the preprocessing (``preprocess=``), :meth:`run` also takes uint8 (N, H, W, C) batches
+    and normalises them on the device; on CUDA the host side is a reused pinned buffer per
+    in-flight batch, copied asynchronously, and :meth:`submit` returns before the GPU is done so
+    the next batch is decoded and copied while this one computes."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, pkg: Any, blobs: Sequence[str], device: str = "cpu", precision: str = "fp32", threads: int | None = None,
+                 preprocess: Any = None) -> None:
         import torch
 
         from convert import load_torch
@@ -161,19 +205,65 @@ class TorchBackend:
             torch.backends.cudnn.benchmark = True
         self.net = net
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.normalize = DeviceNormalize(preprocess, device) if preprocess is not None else None
+        self._pinned: list[Any] = []
+        self._turn = 0
+
+    @property
+    def takes_uint8(self) -> bool:
+        return self.normalize is not None
+
+    def _to_device(self, batch: np.ndarray) -> Any:
+        """Host array -> device tensor; on CUDA through a reused pinned buffer, asynchronously."""
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device != "cuda":
+            return x
+        i = self._turn % self.IN_FLIGHT
+        self._turn += 1
+        while len(self._pinned) <= i:
+            self._pinned.append(None)
+        buf = self._pinned[i]
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self._pinned[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x)
+        return buf.to("cuda", non_blocking=True)
+
+    def submit(self, batch: np.ndarray, reduced: bool = True) -> Callable[[], dict[str, np.ndarray]]:
+        """Start ``batch`` (float32 NCHW, or uint8 NHWC when the backend normalises); returns the
+        call that waits for its blobs. On CUDA the GPU is still busy when this returns."""
+        torch = self.torch
+        dtype = self.autocast_dtype if reduced else None
+        with torch.inference_mode():
+            if batch.dtype == np.uint8:
+                if self.normalize is None:
+                    raise BackendError("uint8 batches need the backend built with the preprocessing")
+                x = self.normalize(self._to_device(batch))
+            else:
+                x = self._to_device(np.asarray(batch, dtype=np.float32))
+            if self.device == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = self.net(x, blobs=self.blobs)
+            outs = {b: out[b].float() for b in self.blobs}
+            if self.device == "cuda":
+                outs = {b: t.to("cpu", non_blocking=True) for b, t in outs.items()}
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                done = None
+
+        def result() -> dict[str, np.ndarray]:
+            if done is not None:
+                done.synchronize()
+            return {b: t.numpy() for b, t in outs.items()}
+
+        return result
 
     def run(self, batch: np.ndarray, reduced: bool = True) -> dict[str, np.ndarray]:
         """The blobs of ``batch``, under autocast at the backend's precision (``reduced=False``:
         in fp32, the reference the first batch of a reduced-precision run is checked against)."""
-        torch = self.torch
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        dtype = self.autocast_dtype if reduced else None
-        with torch.inference_mode():
-            if self.device == "cuda":
-                x = x.pin_memory().to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = self.net(x, blobs=self.blobs)
-            return {b: out[b].float().cpu().numpy() for b in self.blobs}
+        return self.submit(batch, reduced)()
 
     def run_fp32(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(batch, reduced=False)
@@ -184,16 +274,21 @@ class LazyBackend:
     network (for VGG-16, half a gigabyte read and an onnxruntime session optimised for nothing)."""
 
     def __init__(self, pkg: Any, blobs: Sequence[str], backend: str = "auto", device: str = "auto",
-                 precision: str = "auto", threads: int | None = None) -> None:
-        self._args = (pkg, list(blobs), threads)
+                 precision: str = "auto", threads: int | None = None, preprocess: Any = None) -> None:
+        self._args = (pkg, list(blobs), threads, preprocess)
         self.kind, self.device, self.precision = resolve(backend, device, precision)
         self._net: Backend | None = None
 
     @property
+    def takes_uint8(self) -> bool:
+        """torch given the preprocessing normalises uint8 batches itself (see :class:`TorchBackend`)."""
+        return self.kind == "torch" and self._args[3] is not None
+
+    @property
     def net(self) -> Backend:
         if self._net is None:
-            pkg, blobs, threads = self._args
-            self._net = make_backend(pkg, blobs, self.kind, self.device, self.precision, threads)
+            pkg, blobs, threads, pp = self._args
+            self._net = make_backend(pkg, blobs, self.kind, self.device, self.precision, threads, preprocess=pp)
         return self._net
 
     @property
@@ -204,16 +299,29 @@ class LazyBackend:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self.net.run(batch)
 
+    def submit(self, batch: np.ndarray) -> Callable[[], dict[str, np.ndarray]]:
+        return submit(self.net, batch)
+
     def run_fp32(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return self.net.run_fp32(batch)  # type: ignore[attr-defined]
 
 
-def make_backend(pkg: Any, blobs: Sequence[str], backend: str = "auto", device: str = "auto", precision: str = "auto", threads: int | None = None) -> Backend:
-    """Build the backend ``resolve`` picks for this machine."""
+def make_backend(pkg: Any, blobs: Sequence[str], backend: str = "auto", device: str = "auto", precision: str = "auto",
+                 threads: int | None = None, preprocess: Any = None) -> Backend:
+    """Build the backend ``resolve`` picks for this machine (torch gets ``preprocess`` to
+    normalise uint8 batches on its device)."""
     backend, device, precision = resolve(backend, device, precision)
     if backend == "onnxruntime":
         return OrtBackend(pkg, blobs, device=device, threads=threads)
-    return TorchBackend(pkg, blobs, device=device, precision=precision, threads=threads)
+    return TorchBackend(pkg, blobs, device=device, precision=precision, threads=threads, preprocess=preprocess)
+
+
+def submit(backend: Any, batch: np.ndarray) -> Callable[[], dict[str, np.ndarray]]:
+    """``backend.submit`` where it runs asynchronously (torch on CUDA), else the batch computed now."""
+    if hasattr(backend, "submit"):
+        return backend.submit(batch)
+    out = backend.run(batch)
+    return lambda: out
 
 
 def default_batch_size(device: str) -> int:
