@@ -65,7 +65,9 @@ def bench_graft(pkg: Path, files: list[str], threads: int, backend: str, batch_s
 
 
 def bench_opencv(files: list[str], threads: int, batch_size: int) -> tuple[float, np.ndarray]:
-    """cv2.dnn on the original caffemodel: imread -> resize 256 -> blobFromImage(crop 224, mean)."""
+    """cv2.dnn on the original caffemodel: imread -> resize 256 -> centre crop 224 -> blobFromImages(mean).
+
+    blobFromImages(crop=True) would not crop a 256x256 image: it resizes it to 224x224 first."""
     import cv2
 
     cv2.setNumThreads(threads)
@@ -73,14 +75,14 @@ def bench_opencv(files: list[str], threads: int, batch_size: int) -> tuple[float
     outs = []
     t = time.perf_counter()
     for i in range(0, len(files), batch_size):
-        ims = [cv2.resize(cv2.imread(f, cv2.IMREAD_COLOR), (256, 256)) for f in files[i : i + batch_size]]
-        net.setInput(cv2.dnn.blobFromImages(ims, 1.0, (224, 224), MEAN, swapRB=False, crop=True))
+        ims = [cv2.resize(cv2.imread(f, cv2.IMREAD_COLOR), (256, 256))[16:240, 16:240] for f in files[i : i + batch_size]]
+        net.setInput(cv2.dnn.blobFromImages(ims, 1.0, (224, 224), MEAN, swapRB=False, crop=False))
         outs.append(net.forward("pool").reshape(len(ims), -1).copy())
     return len(files) / (time.perf_counter() - t), np.concatenate(outs)
 
 
 def bench_torch_bs1(pkg: Path, files: list[str], threads: int) -> tuple[float, np.ndarray]:
-    """The naive loop: PIL decode + graft's preprocessing, then convert's torch module, one image at a time."""
+    """The naive loop: graft's preprocessing (decode included), then convert's torch module, one image at a time."""
     import torch
 
     from convert import load_package, load_torch

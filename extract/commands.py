@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 from convert.cli_common import mean, positive, sigterm_as_interrupt, size
+from extract.preprocess import RESIZE_FILTERS, RESIZE_MODES
 
 
 def register(subparsers: Any) -> None:
@@ -34,6 +35,12 @@ def register(subparsers: Any) -> None:
     pp.add_argument("--channel-order", choices=("rgb", "bgr"), help="channel order the network expects")
     pp.add_argument("--resize", type=size, metavar="N|H,W", help="squash-resize to this size first (0: none)")
     pp.add_argument("--crop", type=size, metavar="N|H,W", help="centre crop after resizing (0: none)")
+    pp.add_argument("--resize-mode", choices=tuple(RESIZE_MODES),
+                    help="squash (Caffe's: aspect ignored) or shorter-side (keep the aspect, cover --resize, take its centre)")
+    pp.add_argument("--resize-filter", choices=tuple(RESIZE_FILTERS),
+                    help="linear: OpenCV INTER_LINEAR on uint8, as Caffe (default); pil-bilinear: graft's filter before cv2-exif/2")
+    pp.add_argument("--fast-decode", action="store_true", default=None,
+                    help="decode big JPEGs at 1/2, 1/4 or 1/8 scale (still >= the resize size): faster on CPU, not Caffe-exact")
     run = p.add_argument_group("running")
     run.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -66,7 +73,8 @@ def run_extract(args: argparse.Namespace) -> int:
     blobs = [b.strip() for spec in args.layer for b in spec.split(",") if b.strip()]
     if not blobs:
         raise GraftError("--layer: no blob names given")
-    overrides = {"mean": args.mean, "scale": args.scale, "channel_order": args.channel_order, "resize": args.resize, "crop": args.crop}
+    overrides = {"mean": args.mean, "scale": args.scale, "channel_order": args.channel_order, "resize": args.resize, "crop": args.crop,
+                 "resize_mode": args.resize_mode, "resize_filter": args.resize_filter, "fast_decode": args.fast_decode}
     try:
         records = load_records(images=args.images, csv=args.csv, list_file=args.list_file, root=args.root, path_column=args.path_column)
         old = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # a scheduler's kill flushes buffered rows too

@@ -2,7 +2,7 @@
 
 Images are identified by the sha256 of their bytes, so the loop computes each distinct image once
 per cache key: duplicates, renamed files and everything a killed run had committed are skipped.
-Decoding runs ahead in a thread pool (PIL and numpy release the GIL) while the main thread runs
+Decoding runs ahead in a thread pool (OpenCV, PIL and numpy release the GIL) while the main thread runs
 the network, so the two overlap. Interrupted runs lose at most the rows not yet flushed to a shard.
 """
 

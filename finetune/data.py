@@ -15,16 +15,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from convert.errors import GraftError
 from extract.pipeline import hash_or_reason
-from extract.preprocess import ImageError, Preprocess, decode
+from extract.preprocess import ImageError, Preprocess, crop_image
 from heads.splits import Split, make_split
 from heads.tasks import LabelledData, TaskSpec, prepare
 
@@ -152,16 +151,8 @@ def load_train_image(pp: Preprocess, path: str, where: tuple[float, float], flip
     if pp.crop is None:
         x = pp.load(path)
     else:
-        img = decode(path, pp.resize)
-        if pp.resize is not None and (img.height, img.width) != pp.resize:
-            img = img.resize((pp.resize[1], pp.resize[0]), Image.BILINEAR)
-        ch, cw = pp.crop
-        if img.height < ch or img.width < cw:
-            raise ImageError(f"image {img.width}x{img.height} is smaller than the {cw}x{ch} crop")
-        top = min(int(where[0] * (img.height - ch + 1)), img.height - ch)
-        left = min(int(where[1] * (img.width - cw + 1)), img.width - cw)
-        img = img.crop((left, top, left + cw, top + ch))
-        x = replace(pp, resize=None, crop=None, input_size=(ch, cw)).transform(img)
+        img = np.ascontiguousarray(crop_image(pp.load_pixels(path), pp.crop, where))
+        x = pp.normalize(img[None])[0]
     if flip:
         x = np.ascontiguousarray(x[:, ::-1, :] if pp.transpose else x[:, :, ::-1])
     return x
@@ -190,7 +181,7 @@ def iter_batches(
 ) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
     """``(positions, stacked arrays, failures)`` per batch of ``items``, in order.
 
-    Decoding runs up to two batches ahead in ``workers`` threads (PIL releases the GIL), so the
+    Decoding runs up to two batches ahead in ``workers`` threads (OpenCV releases the GIL), so the
     network never waits on JPEG decoding; ``workers=0`` decodes inline. A failed image is left
     out of its batch and reported as ``(position, reason)``.
     """

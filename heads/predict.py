@@ -21,7 +21,7 @@ import pandas as pd
 from convert.errors import GraftError
 from heads.persist import check_card, load_head, read_card
 
-PREPROCESS_OVERRIDES = ("mean", "scale", "channel_order", "resize", "crop")
+PREPROCESS_OVERRIDES = ("mean", "scale", "channel_order", "resize", "crop", "resize_mode", "resize_filter", "fast_decode")
 
 
 def predict_frame(est, X: np.ndarray, kind: str) -> pd.DataFrame:

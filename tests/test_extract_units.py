@@ -121,24 +121,47 @@ def test_image_modes_and_exif(tmp_path: Path) -> None:
     rgb[:, :6] = (200, 10, 10)
     Image.fromarray(rgb).convert("L").save(tmp_path / "grey.png")
     Image.fromarray(rgb).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "paltr.png", transparency=0)  # palette index 0 transparent
+    Image.fromarray(rgb).save(tmp_path / "a.gif")
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
     rgba = Image.fromarray(rgb).convert("RGBA")
     rgba.putalpha(0)
     rgba.save(tmp_path / "alpha.png")
     Image.fromarray((np.full((8, 12), 40000)).astype(np.uint16)).save(tmp_path / "sixteen.png")
-    for name in ("grey.png", "pal.png", "cmyk.jpg", "alpha.png", "sixteen.png"):
+    for name in ("grey.png", "pal.png", "paltr.png", "a.gif", "cmyk.jpg", "alpha.png", "sixteen.png"):
         img = decode(tmp_path / name)
-        assert img.mode == "RGB" and img.size == (12, 8), name
-    assert np.asarray(decode(tmp_path / "alpha.png")).min() == 255  # fully transparent -> white
-    assert np.asarray(decode(tmp_path / "sixteen.png"))[0, 0, 0] == round(40000 / 65535 * 255)  # scaled, not clipped
-    assert abs(int(np.asarray(decode(tmp_path / "cmyk.jpg"))[0, 0, 0]) - 200) < 8
+        assert img.dtype == np.uint8 and img.shape == (8, 12, 3), name  # H x W x BGR
+        assert decode(tmp_path / name, gray=True).shape == (8, 12), name
+    assert decode(tmp_path / "alpha.png").min() == 255  # fully transparent -> white
+    assert decode(tmp_path / "sixteen.png")[0, 0, 0] == round(40000 / 65535 * 255)  # scaled, not clipped
+    assert abs(int(decode(tmp_path / "cmyk.jpg")[0, 0, 2]) - 200) < 8  # red stays red (BGR)
+    assert decode(tmp_path / "a.gif")[0, 0].tolist() == [10, 10, 200]
+    pal = decode(tmp_path / "pal.png")
+    assert pal[0, 0, 2] > 150 and pal[0, 0, 0] < 50  # palette lookup, in BGR
+    assert decode(tmp_path / "paltr.png")[0, -1].tolist() == [255, 255, 255]  # transparent index over white
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=100)
-    assert decode(tmp_path / "rot.jpg").size == (8, 12)
+    assert decode(tmp_path / "rot.jpg").shape == (12, 8, 3)
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 600, 3), dtype=np.uint8))
     big.save(tmp_path / "big.jpg", exif=exif.tobytes())
-    assert decode(tmp_path / "big.jpg", (48, 64)).size[0] >= 48  # draft keeps >= target after rotation
+    assert decode(tmp_path / "big.jpg").shape == (600, 800, 3)
+    # reduced DCT scale: 1/8 still covers 48 x 64 once rotated (600 x 800 -> 75 x 100)
+    assert decode(tmp_path / "big.jpg", reduce_for=lambda h, w: (48, 64)).shape == (75, 100, 3)
+    assert decode(tmp_path / "big.jpg", reduce_for=lambda h, w: (200, 200)).shape == (300, 400, 3)
+
+
+def test_plain_files_decode_as_cv2_imread(tmp_path: Path) -> None:
+    """Ordinary 8-bit opaque files: bit-identical to cv2.imread (Caffe's ReadImageToCVMat)."""
+    cv2 = pytest.importorskip("cv2")
+    a = np.random.default_rng(2).integers(0, 255, (31, 45, 3), dtype=np.uint8)
+    for name in ("x.jpg", "x.png", "x.bmp"):
+        Image.fromarray(a).save(tmp_path / name)
+        for gray, flag in ((False, cv2.IMREAD_COLOR), (True, cv2.IMREAD_GRAYSCALE)):
+            np.testing.assert_array_equal(decode(tmp_path / name, gray=gray), cv2.imread(str(tmp_path / name), flag), err_msg=name)
+    odd = tmp_path / "ünï cøde #1.jpg"  # any characters: decoded from memory
+    odd.write_bytes((tmp_path / "x.jpg").read_bytes())
+    np.testing.assert_array_equal(decode(odd), cv2.imread(str(tmp_path / "x.jpg")))
 
 
 @pytest.mark.parametrize(
