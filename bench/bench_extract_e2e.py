@@ -166,7 +166,7 @@ def main() -> None:
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}; "
           f"python {platform.python_version()}, OpenCV {cv2.__version__}; graft flags: {' '.join(extra) or '(defaults)'}\n")
-    print(f"| images | n | graft images/s | OpenCV DNN images/s | graft / OpenCV | graft s per round | OpenCV s per round | cosine mean / min |")
+    print("| images | n | graft images/s | OpenCV DNN images/s | graft / OpenCV | graft s per round | OpenCV s per round | cosine mean / min |")
     print("|---|---:|---:|---:|---:|---|---|---|")
     for label, n, g, c, gt, ct, cos in rows:
         print(f"| {label} | {n} | {g:.1f} | {c:.1f} | **{g / c:.2f}x** | {' / '.join(f'{t:.1f}' for t in gt)} | "

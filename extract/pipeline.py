@@ -8,6 +8,7 @@ the network, so the two overlap. Interrupted runs lose at most the rows not yet 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from convert.package import sha256_file
+from extract.backends import submit
 from extract.cache import CacheWriter
 from extract.preprocess import ImageError, Preprocess
 from extract.statmemo import StatMemo
@@ -91,10 +93,11 @@ def hash_or_reason(path: str) -> tuple[str | None, str | None]:
         return None, f"unreadable: {err.strerror or err}"
 
 
-def _load_one(pp: Preprocess, path: str, shape: tuple[int, ...] | None) -> np.ndarray | str:
-    """Decoded network input, or the failure reason (never raises: workers must not die)."""
+def _load_one(pp: Preprocess, path: str, shape: tuple[int, ...] | None, uint8: bool = False) -> np.ndarray | str:
+    """Decoded network input (float32 CHW, or ``uint8``: HWC pixels the backend normalises), or
+    the failure reason (never raises: workers must not die)."""
     try:
-        x = pp.load(path)
+        x = pp.load_uint8(path) if uint8 else pp.load(path)
     except ImageError as err:
         return str(err)
     except Exception as err:  # noqa: BLE001 (any decoder bug is one bad image, not a dead run)
@@ -147,7 +150,7 @@ class _Claims:
 
 
 def _hash_claim_load(path: str, sha: str | None, claims: _Claims, memo: StatMemo | None, pp: Preprocess,
-                     shape: tuple[int, ...] | None) -> tuple[str | None, np.ndarray | str]:
+                     shape: tuple[int, ...] | None, uint8: bool = False) -> tuple[str | None, np.ndarray | str]:
     """One file, in a worker: its sha256 (read and hashed unless the memo knew it), then the
     network input if this run must compute it. Returns (sha, array | DUPLICATE | CACHED | reason)."""
     if sha is None:
@@ -163,7 +166,7 @@ def _hash_claim_load(path: str, sha: str | None, claims: _Claims, memo: StatMemo
     skip = claims.claim(sha)
     if skip is not None:
         return sha, skip
-    return sha, _load_one(pp, path, shape)
+    return sha, _load_one(pp, path, shape, uint8)
 
 
 #: the lowest cosine to fp32 a reduced-precision run may have on its first batch, per blob
@@ -194,6 +197,16 @@ def check_precision(backend: Any, x: np.ndarray, out: Mapping[str, np.ndarray]) 
     return cos
 
 
+def _ships_uint8(backend: Any, device_preprocess: bool | None) -> bool:
+    """Whether workers hand the backend uint8 pixels (it normalises them on its device)."""
+    able = bool(getattr(backend, "takes_uint8", False))
+    if device_preprocess is None:
+        return able and getattr(backend, "device", "cpu") == "cuda"
+    if device_preprocess and not able:
+        raise ValueError(f"backend {getattr(backend, 'name', backend)!r} cannot normalise uint8 batches itself")
+    return bool(device_preprocess)
+
+
 def run_pipeline(
     records: pd.DataFrame,
     backend: Any,
@@ -206,6 +219,7 @@ def run_pipeline(
     flush_every_s: float = 30.0,
     dataset: Dataset | str | None = None,
     stat_memo: bool = True,
+    device_preprocess: bool | None = None,
 ) -> tuple[Summary, pd.DataFrame]:
     """Compute every image of ``records`` the cache lacks; returns the summary and the failures.
 
@@ -214,6 +228,9 @@ def run_pipeline(
     the failures file is written at the end, so an interrupted run leaves the previous dataset
     untouched (its shards are still kept). ``stat_memo`` lets files whose stat signature is
     unchanged since a past run keep their hash unread (``extract.statmemo``).
+    ``device_preprocess`` ships uint8 pixels and lets the backend normalise them (default: torch
+    on CUDA); each batch is submitted before the previous one is stored, so the device computes
+    while the host decodes and writes.
     """
     from tqdm.auto import tqdm
 
@@ -245,7 +262,10 @@ def run_pipeline(
             else:
                 todo.append((i, path))
 
+        use_u8 = _ships_uint8(backend, device_preprocess)
         in_shape = pp.input_shape()
+        if use_u8 and in_shape is not None:
+            in_shape = (*pp.output_size(), pp.channels)
         bad_sha: dict[str, str] = {}
         t1 = time.perf_counter()
         last_flush = t1
@@ -257,20 +277,31 @@ def run_pipeline(
             batch_sha: list[str] = []
             batch_path: list[str] = []
 
+            pending: list[tuple[Callable[[], Mapping[str, np.ndarray]], list[str], list[str]]] = []
+
+            def finish() -> None:
+                """Store the batch in flight (its blobs wait on the device until now)."""
+                result, shas_, paths_ = pending.pop()
+                writer.add(shas_, paths_, result())
+                summary.computed += len(shas_)
+                bar.update(len(shas_))
+
             def run_batch() -> None:
                 x = np.stack(batch)
-                out = backend.run(x)
+                result = submit(backend, x)
                 if summary.precision != "fp32" and not summary.precision_check:
+                    out = result()
                     summary.precision_check = check_precision(backend, x, out)
-                writer.add(batch_sha, batch_path, out)
-                summary.computed += len(batch)
-                bar.update(len(batch))
+                    result = lambda out=out: out  # noqa: E731
+                if pending:
+                    finish()  # the previous batch, while this one computes
+                pending.append((result, list(batch_sha), list(batch_path)))
                 batch.clear()
                 batch_sha.clear()
                 batch_path.clear()
 
             def work(path: str) -> tuple[str | None, np.ndarray | str]:
-                return _hash_claim_load(path, known.get(path), claims, memo, pp, in_shape)
+                return _hash_claim_load(path, known.get(path), claims, memo, pp, in_shape, use_u8)
 
             for i, path, (sha, x) in _prefetch(pool, work, todo, depth=max(2 * batch_size, 4 * workers)):
                 shas[i] = sha
@@ -293,7 +324,12 @@ def run_pipeline(
                             last_flush = time.perf_counter()
             if batch:
                 run_batch()
+            if pending:
+                finish()
         finally:
+            if pending:  # Ctrl-C between batches: the one in flight is complete, keep it
+                with contextlib.suppress(Exception):
+                    finish()
             bar.close()
             writer.flush()  # also on Ctrl-C: every computed row is complete, keep it
             if memo is not None:
@@ -443,7 +479,7 @@ def extract(
     pp = resolve_preprocess(pkg, preprocess)
     if pp.output_size() is None:
         raise ValueError("the package gives no input size; pass --resize H,W")
-    net = LazyBackend(pkg, blobs, backend=backend, device=device, precision=precision)
+    net = LazyBackend(pkg, blobs, backend=backend, device=device, precision=precision, preprocess=pp)
     name = pkg.manifest.get("name") or Path(pkg.dir).name
     model_dir = Path(cache) if cache is not None else default_cache_root() / name
     config = cache_config(pkg.weights_sha256, pp, dtype, l2, net.precision, pkg.graph_sha256)

@@ -39,9 +39,9 @@ def counting(monkeypatch):
         calls["hash"] += 1
         return real_hash(path)
 
-    def load(pp, path, shape):
+    def load(pp, path, shape, *rest):
         calls["load"] += 1
-        return real_load(pp, path, shape)
+        return real_load(pp, path, shape, *rest)
 
     monkeypatch.setattr(pipeline, "hash_or_reason", hash_)
     monkeypatch.setattr(pipeline, "_load_one", load)
