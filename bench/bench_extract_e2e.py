@@ -122,7 +122,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--opencv-batch", type=int, default=8)
-    ap.add_argument("--rerun-n", type=int, default=0, help="faces for the re-run measurement (0: all 2,267; -1: skip)")
+    ap.add_argument("--rerun-n", type=int, default=0, help="test-bed files for the re-run measurement, duplicates "
+                    "included as a user's folder has them (0: all 2,267; -1: skip)")
+    ap.add_argument("--profile-rerun", action="store_true", help="print a cProfile of one re-run")
     ap.add_argument("--graft-args", default="", help="extra extract flags, e.g. '--fast-decode'")
     args = ap.parse_args()
 
@@ -158,11 +160,15 @@ def main() -> None:
 
         rerun = None
         if args.rerun_n >= 0:
-            allf = link_folder(distinct_faces(args.rerun_n), tmp / "all")
+            every = sorted(FACES.rglob("*.jpg"))
+            allf = link_folder(every[: args.rerun_n] if args.rerun_n else every, tmp / "all")
             cache = tmp / "cache-rerun"
             first = timed(graft_cmd(pkg, allf, cache, extra), env)
             again = [timed(graft_cmd(pkg, allf, cache, extra), env) for _ in range(max(1, args.rounds))]
             rerun = (len(list(allf.iterdir())), first, again)
+            if args.profile_rerun:
+                subprocess.run([sys.executable, "-m", "cProfile", "-s", "cumulative", "cli.py", *graft_cmd(pkg, allf, cache, extra)[2:]],
+                               cwd=REPO, env=env)
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}; "
           f"python {platform.python_version()}, OpenCV {cv2.__version__}; graft flags: {' '.join(extra) or '(defaults)'}\n")

@@ -37,7 +37,20 @@ class Backend(Protocol):
         ...
 
 
+def _no_nvidia_driver() -> bool:
+    """True when this machine certainly has no NVIDIA GPU: no driver, no device node. Importing
+    torch only to ask costs 3 s of a CPU run's start-up."""
+    import glob
+
+    return not (os.path.exists("/proc/driver/nvidia/version") or glob.glob("/dev/nvidia[0-9]*")
+                or os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, "", "-1") and os.path.exists("/dev/dxg"))
+
+
 def _cuda_available() -> bool:
+    import sys
+
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and _no_nvidia_driver():
+        return False
     try:
         import torch
     except ImportError:
