@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                      help="compute precision (part of the cache key); fp16/bf16 need torch on CUDA; auto never picks fp16")
     run.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
-    run.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(8, cores) on CUDA)")
+    run.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(16, cores) on CUDA)")
     out = p.add_argument_group("cache")
     out.add_argument("--cache", metavar="DIR", help="model cache folder (default: artifacts/cache/<model name>)")
     out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
