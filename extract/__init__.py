@@ -4,6 +4,6 @@
 ``convert``), so analysis scripts and heads can read caches anywhere.
 """
 
-from extract.cache import CacheError, list_keys, load_embeddings
+from extract.cache import CacheError, list_datasets, list_keys, load_embeddings
 
-__all__ = ["CacheError", "list_keys", "load_embeddings"]
+__all__ = ["CacheError", "list_datasets", "list_keys", "load_embeddings"]
