@@ -19,6 +19,24 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=int, help="centre crop to NxN after resizing (0 = none)")
 
 
+#: prototxt stems that say nothing about the model (BVLC's and most zoos' file names)
+GENERIC_STEMS = frozenset({"deploy", "deploy_full", "test", "train_val", "trainval", "train", "model", "net", "network", "solver"})
+
+
+def default_name(out: str | None, preset: str | None, prototxt: str | None, caffemodel: str | None) -> str:
+    """The package's name without ``--name``: the ``--out`` folder's name, the preset's, the
+    prototxt's stem, or, when that is generic (``deploy.prototxt``), the caffemodel's stem.
+    Caches, heads and fine-tuning runs are named after it."""
+    if out:
+        return Path(out).resolve().name
+    if preset:
+        return preset
+    stem = Path(prototxt).stem if prototxt else ""
+    if stem.lower().replace("-", "_") not in GENERIC_STEMS or not caffemodel:
+        return stem or "model"
+    return Path(caffemodel).stem
+
+
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a Caffe model into a verified ONNX + PyTorch package",
                        description="Convert a Caffe model (prototxt + caffemodel, V1 or V2) into a model package.")
@@ -101,7 +119,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise GraftError(f"{path}: no such file")
         classes = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    name = args.name or (preset.name if preset else Path(args.prototxt).stem)
+    name = args.name or default_name(args.out, preset.name if preset else None, args.prototxt, args.caffemodel)
     pkg = convert_model(
         source, args.caffemodel, args.out, name,
         preprocess=pre, mean_image=mean_img, classes=classes, input_size=input_size,

@@ -21,18 +21,18 @@ import numpy as np
 
 from .errors import GraftError
 from .manifest import FORMAT, Sources, build_manifest, format_summary, graph_sha256
+from .paths import models_root
 from .store import WEIGHTS_FILE, StreamingSafetensors, group_by_layer, sha256_file
 
-__all__ = ["FORMAT", "DEFAULT_ROOT", "ModelPackage", "convert_model", "load_package", "load_torch", "sha256_file"]
-DEFAULT_ROOT = Path("artifacts") / "models"
+__all__ = ["FORMAT", "ModelPackage", "convert_model", "load_package", "load_torch", "sha256_file"]
 
 
 def resolve_model_dir(name_or_dir: str | Path) -> Path:
-    """A package folder, or a name under ``artifacts/models/``."""
+    """A package folder, or a name under ``$GRAFT_ARTIFACTS/models/`` (default ``artifacts/models/``)."""
     p = Path(name_or_dir)
     if (p / "manifest.json").is_file():
         return p
-    q = DEFAULT_ROOT / str(name_or_dir)
+    q = models_root() / str(name_or_dir)
     if (q / "manifest.json").is_file():
         return q
     raise GraftError(f"no model package '{name_or_dir}' (looked for {p}/manifest.json and {q}/manifest.json); run 'convert' first")
@@ -240,7 +240,7 @@ def convert_model(
     caffemodel = Path(caffemodel)
     spec = read_spec(prototxt, prototxt_text, outputs)
     name = name or (Path(prototxt).stem if prototxt_text is None else str(prototxt))
-    out = Path(out) if out else DEFAULT_ROOT / name
+    out = Path(out) if out else models_root() / name
     _check_destination(out)
     shapes = input_shapes(spec, input_size)
     shape = shapes[main_input(shapes)]

@@ -56,8 +56,9 @@ class CacheError(ValueError):
 
 
 def default_cache_root() -> Path:
-    """``$GRAFT_ARTIFACTS/cache`` or ``artifacts/cache`` under the current directory."""
-    return Path(os.environ.get("GRAFT_ARTIFACTS", "artifacts")) / "cache"
+    """``$GRAFT_ARTIFACTS/cache`` or ``artifacts/cache`` under the current directory (as
+    ``convert.paths.caches_root``, repeated here: this module must not import ``convert``)."""
+    return Path(os.environ.get("GRAFT_ARTIFACTS") or "artifacts") / "cache"
 
 
 def check_dataset_name(name: str) -> str:

@@ -18,8 +18,24 @@ import pandas as pd
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
-PATH_COLUMN_GUESSES = ("path", "file", "filename", "file_name", "image", "image_path", "image_name", "image_names", "img")
+PATH_COLUMN_GUESSES = ("path", "file", "filename", "file_name", "image", "image_path", "image_name", "image_names", "img",
+                       "img_path", "imagepath", "file_path", "filepath", "full_path", "relative_path", "rel_path", "photo")
 RESERVED_COLUMNS = ("path", "rel_path", "sha256", "source")
+
+
+def guess_path_column(columns) -> str | None:
+    """The column of a labels table that names the image: a common name (``path``, ``file``,
+    ``image_names``, ...), matched exactly, then ignoring case, spaces, ``-`` and ``_``."""
+    cols = [str(c) for c in columns]
+    for c in PATH_COLUMN_GUESSES:
+        if c in cols:
+            return c
+    loose = {"".join(ch for ch in c.lower() if ch.isalnum()): c for c in reversed(cols)}
+    for c in PATH_COLUMN_GUESSES:
+        hit = loose.get(c.replace("_", ""))
+        if hit is not None:
+            return hit
+    return None
 
 
 class SourceError(ValueError):
@@ -76,10 +92,9 @@ def from_csv(csv: str | os.PathLike, path_column: str | None = None, root: str |
     csv = Path(csv)
     df = pd.read_csv(csv)
     if path_column is None:
-        found = [c for c in PATH_COLUMN_GUESSES if c in df.columns]
-        if not found:
+        path_column = guess_path_column(df.columns)
+        if path_column is None:
             raise SourceError(f"{csv}: no --path-column given and none of {list(PATH_COLUMN_GUESSES)} present; columns: {list(df.columns)}")
-        path_column = found[0]
     if path_column not in df.columns:
         raise SourceError(f"{csv}: no column {path_column!r}; columns: {list(df.columns)}")
     base = Path(root) if root is not None else csv.parent

@@ -28,8 +28,8 @@ from convert import ModelPackage, load_package
 from convert.emit_torch import CaffeNet, emit_torch
 from convert.errors import GraftError
 from convert.ir import Graph, build_graph
-from convert.package import DEFAULT_ROOT as MODELS_ROOT
 from convert.parse import net_spec
+from convert.paths import models_root, runs_root
 from convert.store import WEIGHTS_FILE, group_by_layer, read_safetensors
 from extract.pipeline import resolve_preprocess
 from finetune import checkpoint as ckpt_io
@@ -44,7 +44,6 @@ from finetune.surgery import Surgery, cut_and_append, new_layer_bias, new_layer_
 from heads.persist import library_versions, now
 from heads.tasks import TaskSpec
 
-DEFAULT_RUNS = Path(os.environ.get("GRAFT_ARTIFACTS", "artifacts")) / "finetune"
 DEFAULT_EPOCHS = 10
 
 
@@ -226,8 +225,8 @@ def finetune(
     epochs, total_iters = run_length(len(data.train), batch_size, epochs, solver)
     solver = with_max_iter(solver, total_iters)
     name = name or f"{pkg.name}-{spec.name}"
-    run_dir = Path(run_dir) if run_dir is not None else DEFAULT_RUNS / name
-    out = Path(out) if out is not None else MODELS_ROOT / name
+    run_dir = Path(run_dir) if run_dir is not None else runs_root() / name
+    out = Path(out) if out is not None else models_root() / name
     if out.resolve() == Path(pkg.dir).resolve():
         raise GraftError(f"the fine-tuned package would replace the base model '{pkg.name}' ({out}); give another --name or --out")
     config = _config(pkg, spec, data, surgery, solver, batch_size=batch_size, mirror=mirror, seed=seed,

@@ -116,7 +116,8 @@ def learning_curve(
     fractions=LEARNING_CURVE_FRACTIONS,
     seed: int = 0,
 ) -> list[dict]:
-    """Test score of the chosen head refit on growing (stratified) subsets of the training split."""
+    """Test score of the chosen head refit on growing (stratified) subsets of the training split
+    (``est`` itself, already fitted on all of it, is the last point)."""
     rows = []
     n = len(y_train)
     for frac in fractions:
@@ -133,10 +134,13 @@ def learning_curve(
                 continue
         else:
             idx = np.random.default_rng(seed).permutation(n)[:m]
-        e = clone(est)
-        if hasattr(e, "n_components") and e.n_components is not None:
-            e.set_params(n_components=min(e.n_components, len(idx)))
-        e.fit(X_train[idx], y_train[idx])
+        if len(idx) == n:
+            e = est  # the whole training split: the head itself, not a second fit of it
+        else:
+            e = clone(est)
+            if hasattr(e, "n_components") and e.n_components is not None:
+                e.set_params(n_components=min(e.n_components, len(idx)))
+            e.fit(X_train[idx], y_train[idx])
         pred_te = e.predict(X_test)
         pred_tr = e.predict(X_train[idx])
         if kind == "classification":

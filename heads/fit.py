@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from convert.errors import GraftError
+from convert.paths import heads_root
 from heads.estimators import CLASSIFIER_HEADS, REGRESSOR_HEADS
 from heads.evaluate import evaluate, learning_curve
 from heads.persist import AtomicDir, library_versions, now, save_estimator
@@ -28,8 +29,6 @@ from heads.report import write_report
 from heads.search import fit_best, search
 from heads.splits import make_split
 from heads.tasks import TaskSpec, join_labels, prepare
-
-DEFAULT_ROOT = Path(os.environ.get("GRAFT_ARTIFACTS", "artifacts")) / "heads"
 
 
 @dataclass
@@ -49,7 +48,7 @@ def slug(text: str) -> str:
 
 def default_out(task: str, model: str, layer: str) -> Path:
     """``artifacts/heads/<task>-<model>-<layer>/``."""
-    return DEFAULT_ROOT / f"{slug(task)}-{slug(model)}-{slug(layer)}"
+    return heads_root() / f"{slug(task)}-{slug(model)}-{slug(layer)}"
 
 
 def _heads_for(kind: str, head: str | Sequence[str] | None) -> list[str]:
@@ -95,6 +94,9 @@ def fit_head(
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
     data = prepare(X, meta, spec, where=where)
+    if data.spec.label_column != spec.label_column:
+        say(f"{spec.name}: no {spec.label_column!r} column, using {data.spec.label_column!r}")
+    spec = data.spec
     split = make_split(data, split_column=split_column, group_column=group_column, test_size=test_size, seed=seed)
     say(f"{spec.name}: {len(data.y)} labelled rows; {split.describe()}")
     Xtr, ytr = np.asarray(data.X[split.train], np.float32), data.y[split.train]
@@ -203,6 +205,24 @@ def model_info(model: str | os.PathLike | None, cache_config: dict | None) -> di
     return info
 
 
+def default_cache_of(model: str | os.PathLike) -> str | os.PathLike:
+    """The cache ``extract --model MODEL`` wrote: ``<caches root>/<package name>`` for a package
+    folder or a package name; anything else is passed on as it is (a cache folder, a name)."""
+    import json
+
+    from convert.paths import caches_root, models_root
+
+    for cand in (Path(str(model)), models_root() / str(model)):
+        manifest = cand / "manifest.json"
+        try:
+            m = json.loads(manifest.read_text()) if manifest.is_file() else None
+        except (OSError, ValueError):
+            m = None
+        if isinstance(m, dict) and str(m.get("format", "")).startswith("graft-model/"):
+            return caches_root() / (m.get("name") or cand.resolve().name)
+    return model
+
+
 def cache_info(source: str | os.PathLike, layer: str, key: str | None = None, dataset: str | None = None) -> dict | None:
     """The cache key folder ``load_embeddings`` reads for ``layer``: {"dir", "key", "config", "model"},
     and with ``dataset`` (the name it read) that dataset's {name, rows, source}."""
@@ -248,9 +268,9 @@ def fit_head_from_cache(
     ``labels`` if given, and :func:`fit_head`."""
     from extract import load_embeddings
 
-    source = cache if cache is not None else model
-    if source is None:
+    if cache is None and model is None:
         raise GraftError("give --model (its default cache) or --cache DIR")
+    source = cache if cache is not None else default_cache_of(model)
     try:
         X, meta = load_embeddings(source, layer, key=cache_key, dataset=dataset)
     except ValueError as err:  # extract's CacheError is a ValueError

@@ -50,6 +50,8 @@ def to_markdown(rep: dict) -> str:
     ]
     best_per = {}
     for row in s["table"]:
+        if row.get("screened_out"):  # one fold's score: not comparable with the CV means
+            continue
         key = (row["head"], row["preprocess"])
         if key not in best_per or row["score"] > best_per[key]["score"]:
             best_per[key] = row

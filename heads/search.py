@@ -11,6 +11,11 @@ Three paths, one result table:
   validation score has fallen twice in a row.
 * **mlp** (and ridge with PCA): one fit per fold and penalty.
 
+logreg and mlp are searched by successive halving (as scikit-learn's ``HalvingGridSearchCV``):
+every penalty is scored on the first fold, and only the best third of each head's penalties
+on the remaining folds; the choice is made among those fully cross-validated, and the others
+stay in the table, marked ``screened_out``. With one validation fold there is nothing to halve.
+
 Scores are "higher is better": balanced accuracy (default) or accuracy for classification,
 negative RMSE (default) or R^2 for regression. Ties go to the stronger penalty.
 """
@@ -47,6 +52,7 @@ LOGREG_PENALTIES = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)  # alpha / n: per-row L2 streng
 SEARCH_TOL = 1e-4  # gradient tolerance of search fits: validation scores settle long before 1e-5
 RIDGE_PENALTIES = tuple(np.logspace(-4, 2, 20))  # alpha / n on standardised features
 MLP_ALPHAS = (1e-4, 1e-2, 1.0)
+HALVING = 3  # successive halving: a third of each head's penalties go on past the first fold
 
 
 @dataclass
@@ -193,7 +199,7 @@ def search(
     warm: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     say = log or (lambda msg: None)
 
-    def add(head: str, mode: str, alpha: float, fold_scores: list[float], seconds: float) -> None:
+    def add(head: str, mode: str, alpha: float, fold_scores: list[float], seconds: float, screened: bool = False) -> None:
         table.append(
             {
                 "head": head,
@@ -203,6 +209,7 @@ def search(
                 "std": float(np.std(fold_scores)),
                 "fold_scores": [float(s) for s in fold_scores],
                 "seconds": round(seconds, 3),
+                "screened_out": screened,  # scored on the first fold only, not a contender
             }
         )
 
@@ -221,21 +228,23 @@ def search(
                     add(head, mode, a, fs, (time.perf_counter() - t1) / len(grid))
                 say(f"  ridge/{mode}: {len(grid)} penalties x {len(folds)} fold(s) in {time.perf_counter() - t1:.1f} s")
                 continue
-            scores: dict[float, list[float]] = {a: [] for a in grid}
-            times: dict[float, float] = dict.fromkeys(grid, 0.0)
-            for tr, va in folds:
+            def run_fold(f: int, penalties: Sequence[float], head: str = head, mode: str = mode) -> dict[float, tuple[float, float]]:
+                """(score, seconds) of each penalty on fold ``f``; logreg walks them strong to weak, warm-started."""
+                tr, va = folds[f]
                 pre = FeaturePreprocessor(mode=mode, n_components=n_components, random_state=seed)
                 Ztr = pre.fit_transform(X[tr])
                 Zva = pre.transform(X[va])
                 init = None
                 best, falls = -np.inf, 0
-                for a in grid:
+                got: dict[float, tuple[float, float]] = {}
+                for a in sorted(penalties, reverse=True):
                     t2 = time.perf_counter()
                     if head == "logreg":
                         coef, b, _ = fit_logistic(Ztr, yi[tr], k, a, init=init, max_iter=max_iter, tol=SEARCH_TOL)
                         init = (coef, b)
                         s = score(kind, scoring, yi[va], _decide(Zva @ coef + b))
-                        warm[(head, mode, a)] = init
+                        if f == 0:
+                            warm[(head, mode, a)] = init
                     elif head == "ridge":
                         T = ridge_targets(yi[tr], k) if kind == "classification" else yi[tr][:, None]
                         coef, b = fit_ridge(Ztr, T, a)
@@ -246,20 +255,29 @@ def search(
                                         max_iter=max_iter, random_state=seed, mlp_backend=mlp_backend)
                         est.fit(Ztr, yi[tr])
                         s = score(kind, scoring, yi[va], est.predict(Zva))
-                    scores[a].append(s)
-                    times[a] += time.perf_counter() - t2
+                    got[a] = (s, time.perf_counter() - t2)
                     if holdout is not None and head == "logreg":  # early stop along the path
                         falls = falls + 1 if s < best else 0
                         best = max(best, s)
                         if falls >= 2:
                             break
-            for a in grid:
-                if scores[a]:
-                    add(head, mode, a, scores[a], times[a])
-            say(f"  {head}/{mode}: {sum(bool(v) for v in scores.values())} penalties x {len(folds)} fold(s) in {time.perf_counter() - t1:.1f} s")
+                return got
+
+            # successive halving: every penalty on the first fold, the best third on the others
+            first = run_fold(0, grid)
+            keep = sorted(first, key=lambda a: (-first[a][0], -a))[: max(1, -(-len(first) // HALVING))] if len(folds) > 1 else list(first)
+            scores = {a: [first[a][0]] for a in first}
+            times = {a: first[a][1] for a in first}
+            for f in range(1, len(folds)):
+                for a, (s, dt) in run_fold(f, keep).items():
+                    scores[a].append(s)
+                    times[a] += dt
+            for a in sorted(scores, reverse=True):
+                add(head, mode, a, scores[a], times[a], screened=a not in keep)
+            say(f"  {head}/{mode}: {len(first)} penalties on 1 fold, the best {len(keep)} on {len(folds)} in {time.perf_counter() - t1:.1f} s")
     # best mean score; ties: the head listed first, then the stronger penalty
     order = {h: i for i, h in enumerate(heads)}
-    best_row = max(table, key=lambda r: (round(r["score"], 10), -order[r["head"]], r["alpha"]))
+    best_row = max([r for r in table if not r["screened_out"]], key=lambda r: (round(r["score"], 10), -order[r["head"]], r["alpha"]))
     best = {"head": best_row["head"], "preprocess": best_row["preprocess"], "alpha": best_row["alpha"]}
     ws = warm.get((best["head"], best["preprocess"], best["alpha"])) if holdout is not None else None
     return SearchResult(best=best, table=table, scoring=scoring, cv=cv_desc, seconds=time.perf_counter() - t0, warm_start=ws)

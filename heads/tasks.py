@@ -10,7 +10,8 @@ is missing are dropped and counted, never silently imputed.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 
 import numpy as np
@@ -29,16 +30,44 @@ class TaskSpec:
     label_column: str
     kind: str
     description: str = ""
+    #: other names the column goes by in datasets people have (matched case-insensitively);
+    #: empty when the user named the column
+    candidates: tuple[str, ...] = ()
+
+    def find_column(self, columns: Sequence[str]) -> str | None:
+        """The column of ``columns`` this task reads: its own name, else the first candidate
+        present (exact, then ignoring case, ``-``/``_``/spaces)."""
+        cols = [str(c) for c in columns]
+        if self.label_column in cols:
+            return self.label_column
+        loose = {_loose(c): c for c in reversed(cols)}
+        for cand in (self.label_column, *self.candidates):
+            if cand in cols:
+                return cand
+            if _loose(cand) in loose:
+                return loose[_loose(cand)]
+        return None
 
 
-# name -> (label column, kind, description); aliases share one entry
+def _loose(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+_GENDER = ("gender", "sex", "is_male", "male", "gender_label")
+_AGE = ("age_approx", "age", "age_years", "real_age", "apparent_age", "age_real")
+_AGE_GROUP = ("age_group", "agegroup", "age_bucket", "age_class", "young_old")
+_IDENTITY = ("identity", "identity_id", "person", "person_id", "subject", "subject_id", "celeb_id", "name", "id")
+_LABEL = ("label", "class", "category", "target", "y")
+
+# name -> the task; aliases share one entry. The first candidate is the column the test-bed
+# faces use; the others are what other face datasets call it.
 BUILTIN_TASKS: dict[str, TaskSpec] = {
-    "gender": TaskSpec("gender", "gender", "classification", "gender from the `gender` column"),
-    "age": TaskSpec("age", "age_approx", "regression", "age in years (photo year - birth year)"),
-    "age-group": TaskSpec("age-group", "age_group", "classification", "age group (e.g. young / old)"),
-    "young-old": TaskSpec("young-old", "age_group", "classification", "alias of age-group"),
-    "identity": TaskSpec("identity", "identity", "classification", "who is in the picture"),
-    "label": TaskSpec("label", "label", "classification", "extract's folder-name label"),
+    "gender": TaskSpec("gender", "gender", "classification", "gender", _GENDER[1:]),
+    "age": TaskSpec("age", "age_approx", "regression", "age in years", _AGE[1:]),
+    "age-group": TaskSpec("age-group", "age_group", "classification", "age group (e.g. young / old)", _AGE_GROUP[1:]),
+    "young-old": TaskSpec("young-old", "age_group", "classification", "alias of age-group", _AGE_GROUP[1:]),
+    "identity": TaskSpec("identity", "identity", "classification", "who is in the picture", _IDENTITY[1:]),
+    "label": TaskSpec("label", "label", "classification", "extract's folder-name label", _LABEL[1:]),
 }
 
 HASH_COLUMNS = ("sha256", "content_hash", "hash", "digest")
@@ -50,7 +79,9 @@ def resolve_task(task: str | None, label_column: str | None = None, kind: str | 
         raise GraftError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if task is not None and task in BUILTIN_TASKS:
         base = BUILTIN_TASKS[task]
-        return TaskSpec(base.name, label_column or base.label_column, kind or base.kind, base.description)
+        if label_column is not None:  # the user named the column: exactly that one
+            return TaskSpec(base.name, label_column, kind or base.kind, base.description)
+        return TaskSpec(base.name, base.label_column, kind or base.kind, base.description, base.candidates)
     if label_column is None:
         if task is None:
             raise GraftError("give --task NAME or --label-column COLUMN --kind classification|regression")
@@ -87,12 +118,12 @@ def join_labels(meta: pd.DataFrame, labels: pd.DataFrame, path_column: str | Non
     if "path" not in meta.columns:
         raise GraftError("the cache metadata has no `path` column to join --labels on")
     if path_column is None:
-        for c in ("path", "file", "filename", "image", "img", "file_name"):
-            if c in labels.columns:
-                path_column = c
-                break
-        else:
-            raise GraftError(f"--labels has no path column (looked for path, file, filename, image); columns: {list(labels.columns)}")
+        from extract.sources import PATH_COLUMN_GUESSES, guess_path_column
+
+        path_column = guess_path_column(labels.columns)
+        if path_column is None:
+            raise GraftError(f"--labels has no path column (looked for {', '.join(PATH_COLUMN_GUESSES)}, any case); "
+                             f"columns: {list(labels.columns)}; name it with --labels-path-column")
     if path_column not in labels.columns:
         raise GraftError(f"--labels has no column {path_column!r}; columns: {list(labels.columns)}")
     lab = labels.drop_duplicates(subset=[path_column], keep="first").copy()
@@ -167,9 +198,14 @@ def prepare(X: np.ndarray, meta: pd.DataFrame, spec: TaskSpec, *, where: list[st
     """
     if len(meta) != len(X):
         raise GraftError(f"features and metadata disagree: {len(X)} rows vs {len(meta)}")
-    if spec.label_column not in meta.columns:
+    found = spec.find_column(list(meta.columns))
+    if found is None:
         cols = [c for c in meta.columns if c not in HASH_COLUMNS]
-        raise GraftError(f"label column {spec.label_column!r} not found; columns: {', '.join(map(str, cols))} (use --labels CSV or --label-column)")
+        tried = f" (nor {', '.join(spec.candidates)})" if spec.candidates else ""
+        raise GraftError(f"label column {spec.label_column!r}{tried} not found; columns: {', '.join(map(str, cols))} "
+                         "(use --labels CSV or --label-column)")
+    if found != spec.label_column:
+        spec = replace(spec, label_column=found)
     dropped: dict[str, int] = {}
     keep = _filter_rows(meta, where)
     if where:

@@ -133,3 +133,22 @@ def test_old_single_index_still_loads(world, tmp_path):
     world2 = dict(world, cache=tmp_path / "c", tmp=tmp_path)
     card = _fit(world2, "h")
     assert card["cache"]["dataset"]["name"] == "index"
+
+
+def test_artifacts_root_moves_everything_and_fit_head_model_reads_its_cache(world, tmp_path, monkeypatch):
+    """GRAFT_ARTIFACTS moves models too; a package converted from a generic `deploy.prototxt` is
+    named after its caffemodel; `fit-head --model DIR` reads the cache `extract --model DIR` wrote."""
+    root = tmp_path / "art"
+    monkeypatch.setenv("GRAFT_ARTIFACTS", str(root))
+    proto = tmp_path / "deploy.prototxt"
+    shutil.copy(DET3 / "det3.prototxt", proto)
+    assert _cli("convert", "--prototxt", str(proto), "--caffemodel", str(DET3 / "det3.caffemodel"), "--mean", "127.5",
+                "--scale", "0.0078125", "--channel-order", "rgb") == 0
+    pkg = root / "models" / "det3"
+    assert (pkg / "manifest.json").exists() and json.loads((pkg / "manifest.json").read_text())["name"] == "det3"
+    assert _cli("extract", "--model", "det3", "--layer", "conv5", "--images", str(world["train"]), "--no-progress") == 0
+    assert (root / "cache" / "det3").is_dir()
+    assert _cli("fit-head", "--model", str(pkg), "--layer", "conv5", "--label-column", "label", "--kind", "classification",
+                "--head", "ridge", "--cv", "3", "--no-learning-curve", "--no-plots", "--quiet") == 0
+    heads = list((root / "heads").iterdir())
+    assert [h.name for h in heads] == ["label-det3-conv5"]

@@ -143,8 +143,32 @@ def test_error_single_class():
 
 def test_error_missing_label_column():
     X, meta = _tiny()
-    with pytest.raises(GraftError, match="label column 'gender' not found"):
+    with pytest.raises(GraftError, match=r"label column 'gender' \(nor sex, is_male, male, gender_label\) not found; columns: path"):
         fit_head(X, meta, resolve_task("gender"), model=MODEL, layer="x")
+
+
+@pytest.mark.parametrize("task, column", [("gender", "Gender"), ("gender", "sex"), ("age", "age"), ("age", "Age"),
+                                          ("age", "age_approx"), ("identity", "Person ID"), ("label", "class")])
+def test_tasks_find_their_column(task, column):
+    """Built-in tasks read the column datasets call them (``age``, ``Gender``, ``sex``...); a named column is exact."""
+    from heads.tasks import prepare
+
+    X, meta = _tiny()
+    meta[column] = (np.arange(len(meta)) % 2).astype(float) + 20 if task == "age" else np.where(np.arange(len(meta)) % 2, "a", "b")
+    meta["other"] = 1.0
+    data = prepare(X, meta, resolve_task(task))
+    assert data.spec.label_column == column and len(data.y) == len(meta)
+    with pytest.raises(GraftError, match="not found"):
+        prepare(X, meta, resolve_task(task, "missing", "classification"))
+
+
+def test_path_column_guessed_any_case():
+    from extract.sources import guess_path_column
+
+    assert guess_path_column(["Gender", "image_names"]) == "image_names"
+    assert guess_path_column(["Image Path", "age"]) == "Image Path"
+    assert guess_path_column(["FILE", "x"]) == "FILE"
+    assert guess_path_column(["a", "b"]) is None
 
 
 def test_error_where_matches_no_row():
