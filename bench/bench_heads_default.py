@@ -102,7 +102,7 @@ def with_graft(X, meta, task: str, column: str, kind: str, where: list[str] | No
 
 
 def rows_of(meta: pd.DataFrame, column: str, where: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    keep = meta[column].notna().to_numpy()
+    keep = meta[column].notna().to_numpy().copy()
     for k, v in where.items():
         keep &= (meta[k].astype(str) == v).to_numpy()
     tr = keep & (meta["split"] == "train").to_numpy()

@@ -51,6 +51,8 @@ def register(subparsers: Any) -> None:
                    "(automatic, 0.2, above 20,000 training rows)")
     h.add_argument("--scoring", help="classification: balanced_accuracy (default), accuracy; regression: neg_rmse (default), r2")
     h.add_argument("--seed", type=int, default=0, help="seed of splits, folds and fits (default 0)")
+    h.add_argument("--clip-range", type=clip_range, default="train", metavar="train|none|LOW,HIGH",
+                   help="regression: clip predictions to the training labels' range (default train), to LOW,HIGH, or not (none)")
     s = p.add_argument_group("split")
     s.add_argument("--split-column", default="split", help="train/test column, used when present (default split)")
     s.add_argument("--group-column", help="rows sharing this value stay on one side of every split (e.g. identity)")
@@ -94,6 +96,16 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_export)
 
 
+def clip_range(text: str) -> str | tuple[float, float] | None:
+    """``train``, ``none`` or ``LOW,HIGH`` (LOW < HIGH)."""
+    if text.strip().lower() in ("train", "none"):
+        return None if text.strip().lower() == "none" else "train"
+    vals = floats(text)
+    if len(vals) != 2 or not vals[0] < vals[1]:
+        raise argparse.ArgumentTypeError(f"expected train, none or LOW,HIGH with LOW < HIGH, got {text!r}")
+    return (vals[0], vals[1])
+
+
 def run_fit_head(args: argparse.Namespace) -> int:
     from heads.fit import fit_head_from_cache
     from heads.tasks import resolve_task
@@ -108,7 +120,7 @@ def run_fit_head(args: argparse.Namespace) -> int:
         labels_path_column=args.labels_path_column, head=args.head, preprocess=modes, n_components=args.pca,
         alphas=args.alphas, split_column=args.split_column, group_column=args.group_column, test_size=args.test_size,
         cv=args.cv, holdout=args.holdout, scoring=args.scoring, hidden_layer_sizes=args.hidden, max_iter=args.max_iter,
-        mlp_backend=args.mlp_backend, seed=args.seed, where=args.where, with_learning_curve=not args.no_learning_curve, with_plots=not args.no_plots,
+        mlp_backend=args.mlp_backend, seed=args.seed, clip_range=args.clip_range, where=args.where, with_learning_curve=not args.no_learning_curve, with_plots=not args.no_plots,
         out=args.out, log=log,
     )
     m, b = res.card["metrics"]["test"], res.card["metrics"]["baseline"]

@@ -416,6 +416,8 @@ class HeadRegressor(RegressorMixin, _HeadBase):
     intercept_ : ndarray of shape (1,)
     mlp_ : MLPRegressor or TorchMLP
         MLP head only.
+    clip_range_ : (low, high) or None
+        Predictions are clipped to it (``clip_range``: "train" = the training targets' range).
 
     Examples
     --------
@@ -427,12 +429,46 @@ class HeadRegressor(RegressorMixin, _HeadBase):
 
     _heads = REGRESSOR_HEADS
 
+    def __init__(
+        self,
+        *,
+        head: str = "ridge",
+        preprocess: str = "standardize",
+        n_components: int | None = None,
+        alpha: float = 1.0,
+        hidden_layer_sizes: tuple[int, ...] = (256,),
+        max_iter: int = 500,
+        random_state: int = 0,
+        mlp_backend: str = "auto",
+        clip_range: str | tuple[float, float] | None = None,
+    ):
+        super().__init__(head=head, preprocess=preprocess, n_components=n_components, alpha=alpha,
+                         hidden_layer_sizes=hidden_layer_sizes, max_iter=max_iter, random_state=random_state,
+                         mlp_backend=mlp_backend)
+        self.clip_range = clip_range
+
+    def _resolve_clip(self, y: np.ndarray) -> tuple[float, float] | None:
+        """``"train"``: the training targets' range (an age head never predicts -15 years);
+        ``(lo, hi)``: as given; None: no clipping."""
+        c = self.clip_range
+        if c is None:
+            return None
+        if isinstance(c, str):
+            if c != "train":
+                raise ValueError(f"clip_range must be None, 'train' or (low, high), got {c!r}")
+            return (float(y.min()), float(y.max()))
+        lo, hi = (float(v) for v in c)
+        if not lo < hi:
+            raise ValueError(f"clip_range low must be below high, got {c!r}")
+        return (lo, hi)
+
     def fit(self, X, y):
         self._validate_params_inline()
         X, y = validate_data(self, X, y, dtype=np.float32, y_numeric=True)
         y = np.asarray(y, np.float64)
         if y.ndim != 1:
             raise ValueError("HeadRegressor takes a 1-D target")
+        self.clip_range_ = self._resolve_clip(y)
         Z = self._fit_preprocessor(X)
         if self.head == "ridge":
             self.coef_, self.intercept_ = fit_ridge(Z, y[:, None], float(self.alpha))
@@ -447,8 +483,11 @@ class HeadRegressor(RegressorMixin, _HeadBase):
     def predict(self, X) -> np.ndarray:
         Z = self._transform(X)
         if self.head == "mlp":
-            return self.mlp_.predict(Z) * self.y_scale_ + self.y_mean_
-        return (Z @ self.coef_ + self.intercept_)[:, 0].astype(np.float64)
+            pred = self.mlp_.predict(Z) * self.y_scale_ + self.y_mean_
+        else:
+            pred = (Z @ self.coef_ + self.intercept_)[:, 0].astype(np.float64)
+        clip = getattr(self, "clip_range_", None)  # heads saved before clipping existed have none
+        return pred if clip is None else np.clip(pred, clip[0], clip[1])
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -114,6 +114,9 @@ def head_nodes(est, features: str, *, opset: int = 17, prefix: str = PREFIX) -> 
         if est.head == "mlp":
             s = b.op("Mul", [s, b.const("y_scale", np.array(est.y_scale_, np.float32))])
             s = b.op("Add", [s, b.const("y_mean", np.array(est.y_mean_, np.float32))])
+        clip = getattr(est, "clip_range_", None)
+        if clip is not None:
+            s = b.op("Clip", [s, b.const("clip_low", np.array(clip[0], np.float32)), b.const("clip_high", np.array(clip[1], np.float32))])
         b.op("Reshape", [s, b.const("flat", np.array([-1], np.int64))], out="prediction")
         outputs = [helper.make_tensor_value_info("prediction", TensorProto.FLOAT, ["N"])]
     return b.nodes, b.inits, outputs

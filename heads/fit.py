@@ -79,6 +79,7 @@ def fit_head(
     max_iter: int = 300,
     mlp_backend: str = "auto",
     seed: int = 0,
+    clip_range: str | tuple[float, float] | None = "train",
     where: list[str] | None = None,
     with_learning_curve: bool = True,
     with_plots: bool = True,
@@ -110,7 +111,7 @@ def fit_head(
     say(f"chosen by {res.cv} CV ({res.scoring}): {res.best} in {res.seconds:.1f} s")
     t1 = time.perf_counter()
     est = fit_best(Xtr, ytr, res, kind=spec.kind, n_components=n_components, hidden_layer_sizes=hidden_layer_sizes,
-                   max_iter=max(max_iter, 500), mlp_backend=mlp_backend, seed=seed)
+                   max_iter=max(max_iter, 500), mlp_backend=mlp_backend, seed=seed, clip_range=clip_range)
     fit_seconds = time.perf_counter() - t1
     ev = evaluate(est, Xte, yte, ytr, spec.kind)
     lc = learning_curve(est, Xtr, ytr, Xte, yte, spec.kind, seed=seed) if with_learning_curve else []
@@ -123,7 +124,8 @@ def fit_head(
     report = {
         "name": name,
         "created": now(),
-        "task": {"name": spec.name, "label_column": spec.label_column, "kind": spec.kind},
+        "task": {"name": spec.name, "label_column": spec.label_column, "kind": spec.kind,
+                 "clip_range": list(est.clip_range_) if getattr(est, "clip_range_", None) is not None else None},
         "features": {"model": model.get("name"), "layer": layer, "dim": int(Xtr.shape[1])},
         "data": {
             "n_rows": int(len(data.y)),

@@ -294,10 +294,13 @@ def fit_best(
     max_iter: int = 500,
     mlp_backend: str = "auto",
     seed: int = 0,
+    clip_range: str | tuple[float, float] | None = None,
 ) -> HeadClassifier | HeadRegressor:
-    """Refit the chosen head on all training rows (logreg warm-started from the validation fit)."""
+    """Refit the chosen head on all training rows (logreg warm-started from the validation fit);
+    a regression head clips its predictions to ``clip_range``."""
+    extra = {"clip_range": clip_range} if kind == "regression" else {}
     est = make_head(kind, **result.best, n_components=n_components, hidden_layer_sizes=tuple(hidden_layer_sizes),
-                    max_iter=max_iter, random_state=seed, mlp_backend=mlp_backend)
+                    max_iter=max_iter, random_state=seed, mlp_backend=mlp_backend, **extra)
     if kind == "classification" and result.best["head"] == "logreg" and result.warm_start is not None:
         return est.fit(X, y, init=result.warm_start)
     return est.fit(X, y)

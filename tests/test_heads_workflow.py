@@ -284,3 +284,26 @@ def test_predict_with_model_single_output_is_a_value(tmp_path):
     X, meta = load_embeddings(tmp_path / "cache", layer="age", dataset="predict-imgs")
     want = dict(zip(meta["path"], X[:, 0]))
     np.testing.assert_allclose(res["prediction"].astype(float), [want[p] for p in res["path"]], rtol=1e-6)
+
+
+def test_regression_clips_to_the_training_range(tmp_path):
+    """An age head never predicts outside the ages it was trained on (default), in Python and in ONNX."""
+    import onnxruntime as ort
+
+    from heads.estimators import HeadRegressor
+    from heads.export import head_model
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 6)).astype(np.float32)
+    y = np.clip(30 + 10 * X[:, 0], 18, 60)
+    far = np.full((3, 6), 0.0, np.float32)
+    far[:, 0] = [-9.0, 0.0, 9.0]  # a linear head extrapolates to 30 -/+ 90 years here
+    free = HeadRegressor(alpha=1e-3).fit(X, y)
+    assert free.predict(far).min() < 0 and free.clip_range_ is None
+    clipped = HeadRegressor(alpha=1e-3, clip_range="train").fit(X, y)
+    assert clipped.clip_range_ == (y.min(), y.max())
+    np.testing.assert_allclose(clipped.predict(far)[[0, 2]], [y.min(), y.max()])
+    sess = ort.InferenceSession(head_model(clipped).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["prediction"], {"features": far})[0], clipped.predict(far), rtol=1e-5)
+    with pytest.raises(ValueError, match="low must be below high"):
+        HeadRegressor(clip_range=(5, 1)).fit(X, y)
