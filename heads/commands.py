@@ -9,6 +9,9 @@ from typing import Any
 from convert.cli_common import floats, fraction, ints, positive
 from convert.errors import GraftError
 
+ALLOW_PICKLE_HELP = ("also load a head saved by an older graft as head.joblib: a pickle, which runs code from the file "
+                     "when loaded; only for heads you trust")
+
 
 def register(subparsers: Any) -> None:
     """Add ``fit-head``, ``predict`` and ``export`` to graft's command line."""
@@ -19,7 +22,7 @@ def register(subparsers: Any) -> None:
         help="fit a light head (logreg / ridge / MLP) on cached embeddings, with an honest test report",
         description="Train a head on extract's cached features of one blob. Hyper-parameters (and the head, with "
         "--head auto) are chosen by cross-validation on the training split only; the test split is scored once, "
-        "beside a majority / mean baseline. Writes head.joblib, card.json, report.{json,md} and plots.",
+        "beside a majority / mean baseline. Writes the head (head.json + head.npz: data, no pickle), card.json, report.{json,md} and plots.",
     )
     t = p.add_argument_group("task")
     t.add_argument("--task", help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a name for --label-column")
@@ -85,6 +88,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.set_defaults(func=run_predict)
 
     p = subparsers.add_parser("export", help="one ONNX graph: image tensor in, the head's prediction out",
@@ -93,6 +97,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--head", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="FILE.onnx")
     p.add_argument("--model", help="model package, when it moved since fit-head (checked against the card)")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.set_defaults(func=run_export)
 
 
@@ -139,7 +144,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.head:
         if args.blob:
             raise GraftError("--blob is for predicting with a model alone; a head reads the blob it was fitted on")
-        res = predict_images(args.head, model=args.model, **common)
+        res = predict_images(args.head, model=args.model, allow_pickle=args.allow_pickle, **common)
     elif args.model:
         res = predict_with_model(args.model, blob=args.blob, top_k=args.top_k, **common)
     else:
@@ -152,6 +157,6 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from heads.export import export_head
 
-    info = export_head(args.head, args.out, model=args.model)
+    info = export_head(args.head, args.out, model=args.model, allow_pickle=args.allow_pickle)
     print(f"wrote {info['path']}: input {info['input']} -> {info['blob']} -> {', '.join(info['outputs'])}")
     return 0

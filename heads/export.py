@@ -158,16 +158,20 @@ def fuse(backbone: onnx.ModelProto, est, blob: str) -> onnx.ModelProto:
     return backbone
 
 
-def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, model: str | os.PathLike | None = None) -> dict:
+def export_head(
+    head_dir: str | os.PathLike, out: str | os.PathLike, *, model: str | os.PathLike | None = None, allow_pickle: bool = False
+) -> dict:
     """Write one ONNX file: the model package's graph up to the head's blob plus the head.
 
     ``model`` overrides the package location recorded in the card (a moved package); it is
     checked against the card's weights sha256 like every other use of the head.
+    ``allow_pickle``: also load an older head's ``head.joblib`` (a pickle: it runs code).
     """
     from convert import load_package
-    from heads.persist import load_head, read_card
+    from heads.persist import check_loadable, load_head, read_card
 
     card = read_card(head_dir)
+    check_loadable(head_dir, allow_pickle=allow_pickle)
     blob = card["layer"]
     where = model or card["model"].get("dir") or card["model"].get("name")
     if where is None:
@@ -176,7 +180,7 @@ def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, model: s
         pkg = load_package(str(where))
     except FileNotFoundError as err:
         raise GraftError(f"model package {where} not found (give --model)") from err
-    est, card = load_head(head_dir, weights_sha256=pkg.weights_sha256, layer=blob)
+    est, card = load_head(head_dir, weights_sha256=pkg.weights_sha256, layer=blob, allow_pickle=allow_pickle)
     src = Path(pkg.onnx_path_for([blob]))
     backbone = onnx.load(str(src), load_external_data=True)
     fused = fuse(backbone, est, blob)

@@ -1,11 +1,16 @@
-"""A head on disk: ``head.joblib`` (the estimator) + ``card.json`` (what it is and what it needs).
+"""A head on disk: ``head.json`` + ``head.npz`` (the estimator) + ``card.json`` (what it is and what it needs).
 
 The card names the task, the label names, the model (by weights sha256) and blob, the cache key
 the features came from, the preprocessing, the scores and the library versions. Loading checks
 the card against the model / blob / cache it is about to be used with and lists every mismatch
 in one message: features of another blob or other preprocessing would give confident nonsense.
 
-Security: ``head.joblib`` is a pickle; loading it runs code. Load only heads you made or trust.
+Security: the estimator is stored as data (``heads.serialize``): ``head.json`` may name only
+graft's few head types, ``head.npz`` is read with ``allow_pickle=False``, so loading a head
+someone sent you runs none of their code. Heads written by older graft versions are
+``head.joblib``, a pickle: loading one runs whatever code it names, so :func:`load_head`
+refuses it unless ``allow_pickle=True`` (``--allow-pickle`` on the command line) says the
+sender is trusted. Re-saving it (:func:`save_estimator`) converts it.
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ from typing import Any
 import joblib
 
 from convert.errors import GraftError
+from heads import serialize
 
 CARD_FORMAT = "graft-head/1"
 CARD = "card.json"
-ESTIMATOR = "head.joblib"
+#: the pickled estimator of heads written before the safe format; read only with allow_pickle=True
+PICKLE = "head.joblib"
 
 
 def library_versions() -> dict[str, str]:
-    """Versions that matter for unpickling and for reproducing the numbers."""
+    """Versions that matter for loading (old pickled heads) and for reproducing the numbers."""
     import numpy
     import pandas
     import scipy
@@ -86,10 +93,25 @@ class AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_estimator(folder: Path, est: Any, card: dict) -> None:
-    """Write the estimator and its card into ``folder`` (normally an :class:`AtomicDir`)."""
-    joblib.dump(est, Path(folder) / ESTIMATOR, compress=3)
+def save_estimator(folder: str | os.PathLike, est: Any, card: dict) -> None:
+    """Write the estimator (``head.json`` + ``head.npz``, no pickle) and its card into ``folder``
+    (normally an :class:`AtomicDir`)."""
+    serialize.save(folder, est)
     (Path(folder) / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
+
+
+def check_loadable(head_dir: str | os.PathLike, *, allow_pickle: bool = False) -> str:
+    """Which estimator file :func:`load_head` will read ("safe" or "pickle"); raises before any
+    work is done when it is a pickle and ``allow_pickle`` is not given, or when there is none."""
+    d = Path(head_dir)
+    if (d / serialize.DESCRIPTION).exists():
+        return "safe"
+    if (d / PICKLE).exists():
+        if not allow_pickle:
+            raise GraftError(f"head {head_dir} is a pickle ({PICKLE}, written by an older graft): loading it runs code from "
+                             "the file; pass --allow-pickle (allow_pickle=True) only if you trust where it came from")
+        return "pickle"
+    raise GraftError(f"head {head_dir} has no estimator ({serialize.DESCRIPTION} + {serialize.ARRAYS})")
 
 
 def read_card(head_dir: str | os.PathLike) -> dict:
@@ -145,11 +167,13 @@ def load_head(
     layer: str | None = None,
     cache_config: dict | None = None,
     feature_dim: int | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[Any, dict]:
     """The estimator and card of a head folder, after checking the card against what is given.
 
     Raises :class:`GraftError` listing every difference. Warns when the scikit-learn version
-    differs from the one that pickled the head. ``head.joblib`` runs code when loaded: trust it.
+    differs from the one that saved the head. A ``head.joblib`` (an older head, a pickle: it
+    runs code when loaded) is read only with ``allow_pickle=True``.
     """
     card = read_card(head_dir)
     diffs = check_card(card, weights_sha256=weights_sha256, layer=layer, cache_config=cache_config, feature_dim=feature_dim)
@@ -160,5 +184,11 @@ def load_head(
     saved = card.get("versions", {}).get("scikit-learn")
     if saved and saved != sklearn.__version__:
         warnings.warn(f"head {head_dir} was saved with scikit-learn {saved}, this is {sklearn.__version__}", stacklevel=2)
-    est = joblib.load(Path(head_dir) / ESTIMATOR)
+    if check_loadable(head_dir, allow_pickle=allow_pickle) == "safe":
+        est = serialize.load(head_dir)
+    else:
+        est = joblib.load(Path(head_dir) / PICKLE)
+    n_in, want = getattr(est, "n_features_in_", None), card.get("feature_dim")
+    if n_in is not None and want and int(n_in) != int(want):
+        raise GraftError(f"head {head_dir}: the estimator takes {n_in}-d features but its card says {want}-d")
     return est, card

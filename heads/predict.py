@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from convert.errors import GraftError
-from heads.persist import check_card, load_head, read_card
+from heads.persist import check_card, check_loadable, load_head, read_card
 
 PREPROCESS_OVERRIDES = ("mean", "scale", "channel_order", "resize", "crop", "resize_mode", "resize_filter", "fast_decode")
 
@@ -50,12 +50,15 @@ def predict_images(
     batch_size: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> pd.DataFrame:
     """Predict every image of a folder (or CSV); returns the table and writes it to ``out`` if given.
 
     Images that cannot be read get an empty prediction and their reason in ``error``.
+    ``allow_pickle``: also load an older head's ``head.joblib`` (a pickle: it runs code).
     """
     card = read_card(head_dir)
+    check_loadable(head_dir, allow_pickle=allow_pickle)  # refuse a pickle before extracting anything
     blob = card["layer"]
     where = model or card["model"].get("dir") or card["model"].get("name")
     cfg = (card.get("cache") or {}).get("config") or {}
@@ -73,7 +76,7 @@ def predict_images(
     if diffs:
         raise GraftError(f"head {head_dir} does not match the features just extracted: " + "; ".join(diffs))
     X, ok = _rows(key_dir, blob, records)
-    est, card = load_head(head_dir, layer=blob, feature_dim=int(X.shape[1]) if len(X) else None)
+    est, card = load_head(head_dir, layer=blob, feature_dim=int(X.shape[1]) if len(X) else None, allow_pickle=allow_pickle)
     pred = predict_frame(est, X, card["task"]["kind"]) if ok.any() else pd.DataFrame()
     return _write(_assemble(records, pred, ok, failures), out)
 

@@ -4,7 +4,7 @@ scikit-learn's ``MLPClassifier`` is single-threaded numpy: fine for thousands of
 100k x 4096 features. :class:`TorchMLP` trains the same network (ReLU hidden layers, Glorot
 init, Adam, L2 penalty ``alpha``, early stopping on a held-out 10 %) with torch on the GPU, then
 keeps only numpy arrays in scikit-learn's attribute names (``coefs_``, ``intercepts_``,
-``activation``, ``out_activation_``), so predicting, pickling and the ONNX export
+``activation``, ``out_activation_``), so predicting, saving (``heads.serialize``) and the ONNX export
 (``heads.export``) need neither torch nor a GPU and treat both MLPs alike.
 """
 
