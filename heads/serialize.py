@@ -65,7 +65,7 @@ _HEAD_FITTED = ("n_features_in_", "feature_names_in_", "preprocessor_", "coef_",
 #: every type a head file may name; nothing else is ever built from a file
 STEP_TYPES: dict[str, StepType] = {
     "graft.HeadClassifier": StepType(HeadClassifier, ("classes_", *_HEAD_FITTED)),
-    "graft.HeadRegressor": StepType(HeadRegressor, (*_HEAD_FITTED, "y_mean_", "y_scale_")),
+    "graft.HeadRegressor": StepType(HeadRegressor, (*_HEAD_FITTED, "y_mean_", "y_scale_", "clip_range_")),
     "graft.FeaturePreprocessor": StepType(FeaturePreprocessor, ("n_features_in_", "feature_names_in_", "mean_", "scale_",
                                                                 "pca_mean_", "components_", "n_features_out_")),
     "graft.TorchMLP": StepType(TorchMLP, ("coefs_", "intercepts_", "out_activation_", "n_iter_", "loss_curve_",

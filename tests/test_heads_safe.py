@@ -240,3 +240,19 @@ def test_cli_predict_and_export_old_head_with_allow_pickle(tmp_path, capsys):
     assert "is a pickle" in capsys.readouterr().err
     assert cli.main(["export", "--head", str(res.path), "--out", str(tmp_path / "h.onnx"), "--allow-pickle"]) == 0
     assert (tmp_path / "h.onnx").exists()
+
+
+def test_clip_range_survives_the_safe_format(tmp_path):
+    from heads.estimators import HeadRegressor
+    from heads.serialize import load, save
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((80, 5)).astype(np.float32)
+    y = 40 + 10 * X[:, 0]
+    est = HeadRegressor(alpha=1e-2, clip_range="train").fit(X, y)
+    save(tmp_path, est)
+    back = load(tmp_path)
+    far = X * 10
+    assert back.clip_range_ == est.clip_range_ and back.clip_range == "train"
+    np.testing.assert_array_equal(back.predict(far), est.predict(far))
+    assert back.predict(far).max() <= y.max()
