@@ -6,14 +6,15 @@ import argparse
 import sys
 from typing import Any
 
-from convert.cli_common import floats, fraction, ints, positive
+from convert.cli_common import at_least, fraction, non_negative, positive, positive_floats, positive_ints
 from convert.errors import GraftError
+
+#: heads.tasks.BUILTIN_TASKS' names, listed here so ``--help`` does not import pandas (a test keeps them equal)
+TASK_NAMES = ("gender", "age", "age-group", "young-old", "identity", "label")
 
 
 def register(subparsers: Any) -> None:
     """Add ``fit-head``, ``predict`` and ``export`` to graft's command line."""
-    from heads.tasks import BUILTIN_TASKS
-
     p = subparsers.add_parser(
         "fit-head",
         help="fit a light head (logreg / ridge / MLP) on cached embeddings, with an honest test report",
@@ -22,7 +23,7 @@ def register(subparsers: Any) -> None:
         "beside a majority / mean baseline. Writes head.joblib, card.json, report.{json,md} and plots.",
     )
     t = p.add_argument_group("task")
-    t.add_argument("--task", help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a name for --label-column")
+    t.add_argument("--task", help=f"built-in task ({', '.join(TASK_NAMES)}) or a name for --label-column")
     t.add_argument("--label-column", help="label column (cache metadata or --labels CSV)")
     t.add_argument("--kind", choices=("classification", "regression"), help="with --label-column")
     t.add_argument("--labels", metavar="CSV", help="labels joined on image path (or file name) instead of the cache's own")
@@ -40,17 +41,17 @@ def register(subparsers: Any) -> None:
                    help="auto: chosen by CV among logreg / ridge / mlp (regression: ridge / mlp)")
     h.add_argument("--preprocess", default="standardize", metavar="MODE[,MODE]",
                    help="none, standardize, l2, l2+standardize; several are compared by CV (default standardize)")
-    h.add_argument("--pca", type=int, metavar="N", help="project on N principal components after preprocessing")
-    h.add_argument("--alphas", type=floats, metavar="A,B,...", help="penalties to try (default: a grid per head)")
-    h.add_argument("--hidden", type=ints, default=(256,), metavar="N[,N]", help="MLP hidden layer sizes (default 256)")
-    h.add_argument("--max-iter", type=int, default=300, help="iterations per fit (logreg L-BFGS, MLP epochs)")
+    h.add_argument("--pca", type=positive, metavar="N", help="project on N principal components after preprocessing")
+    h.add_argument("--alphas", type=positive_floats, metavar="A,B,...", help="penalties to try (default: a grid per head)")
+    h.add_argument("--hidden", type=positive_ints, default=(256,), metavar="N[,N]", help="MLP hidden layer sizes (default 256)")
+    h.add_argument("--max-iter", type=positive, default=300, help="iterations per fit (logreg L-BFGS, MLP epochs)")
     h.add_argument("--mlp-backend", choices=("auto", "sklearn", "torch"), default="auto",
                    help="who trains the MLP: auto = torch on a GPU for large data (rows x dims >= 2e7), else scikit-learn")
-    h.add_argument("--cv", type=int, default=5, help="CV folds on the training split (default 5)")
+    h.add_argument("--cv", type=at_least(2), default=5, help="CV folds on the training split (default 5)")
     h.add_argument("--holdout", type=fraction, help="one validation fold of this size instead of k-fold "
                    "(automatic, 0.2, above 20,000 training rows)")
     h.add_argument("--scoring", help="classification: balanced_accuracy (default), accuracy; regression: neg_rmse (default), r2")
-    h.add_argument("--seed", type=int, default=0, help="seed of splits, folds and fits (default 0)")
+    h.add_argument("--seed", type=non_negative, default=0, help="seed of splits, folds and fits (default 0)")
     s = p.add_argument_group("split")
     s.add_argument("--split-column", default="split", help="train/test column, used when present (default split)")
     s.add_argument("--group-column", help="rows sharing this value stay on one side of every split (e.g. identity)")
@@ -80,8 +81,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache", metavar="DIR", help="cache folder (default: artifacts/cache/<model>)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
+    p.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(16, cores) on CUDA)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_predict)
 
@@ -100,8 +101,6 @@ def run_fit_head(args: argparse.Namespace) -> int:
 
     spec = resolve_task(args.task, args.label_column, args.kind)
     modes = [m.strip() for m in args.preprocess.split(",") if m.strip()]
-    if args.cv < 2:
-        raise GraftError(f"--cv must be at least 2, got {args.cv}")
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     res = fit_head_from_cache(
         spec, model=args.model, layer=args.layer, cache=args.cache, cache_key=args.cache_key, dataset=args.dataset, labels=args.labels,
