@@ -69,8 +69,8 @@ def read_csv_file(path: str | os.PathLike, flag: str = "--csv") -> pd.DataFrame:
         raise SourceError(f"{flag} {path}: not a valid CSV ({detail})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise _unreadable(path, flag, err) from None
-    if df.columns.empty:
-        raise SourceError(f"{flag} {path}: no columns")
+    if df.empty:
+        raise SourceError(f"{flag} {path}: a header but no rows")
     return df
 
 
@@ -169,9 +169,9 @@ def from_list(list_file: str | os.PathLike, root: str | os.PathLike | None = Non
             rels.append(line)
             labels.append(None)
         else:
-            raise SourceError(f"{list_file}:{lineno}: expected 'path label' with an integer label, got {raw!r}")
+            raise SourceError(f"--list {list_file}:{lineno}: expected 'path label' with an integer label, got {raw!r}")
     if not rels:
-        raise SourceError(f"{list_file}: no entries")
+        raise SourceError(f"--list {list_file}: no entries")
     df = pd.DataFrame({"path": [_absolute(base, r) for r in rels], "rel_path": rels, "source": str(list_file)})
     if any(lab is not None for lab in labels):
         df["label"] = pd.array(labels, dtype="Int64")

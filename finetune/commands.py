@@ -102,7 +102,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     from extract.preprocess import ImageError
     from extract.sources import SourceError, load_records
     from finetune.solver import build_solver
-    from finetune.train import finetune
     from heads.tasks import resolve_task
 
     spec = resolve_task(args.task, args.label_column, args.kind)
@@ -113,6 +112,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     try:
         records = load_records(images=args.images, csv=args.csv, list_file=args.list_file, root=args.root,
                                path_column=args.path_column)
+        from finetune.train import finetune  # torch: only once the input is known to be good
+
         old = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # a scheduler's kill: the last checkpoint stands
         try:
             res = finetune(
