@@ -4,7 +4,7 @@ and exit status 3 (the traceback with ``GRAFT_DEBUG=1``); Ctrl-C is 130.
 
 The flag checks are argparse's, reached with no model at all; the file checks that sit behind a
 model or a cache (``predict --csv``, ``fit-head --labels``) share one small real package (MTCNN
-det3, converted in about a second) and a four-image cache. Everything runs in-process through
+det3, converted in about a second) and a six-image cache. Everything runs in-process through
 ``cli.main``; three checks run a real process.
 """
 
@@ -296,7 +296,7 @@ def test_convert_bad_text_values(flag: str, value: str, tiny: tuple[Path, Path],
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """det3 converted and four faces extracted into a cache (``fit-head --labels`` reads it)."""
+    """det3 converted and six faces extracted into a cache (``fit-head --labels`` reads it)."""
     if not (DET3 / "det3.caffemodel").is_file() or not FACES.is_dir():
         pytest.skip(f"test bed absent: {TESTBED}")
     import cli
@@ -308,7 +308,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     convert_model(DET3 / "det3.prototxt", DET3 / "det3.caffemodel", tmp / "det3", "det3", preprocess=pre, log=lambda _m: None)
     for cls in ("female", "male"):
         (tmp / "faces" / cls).mkdir(parents=True)
-        for f in sorted((FACES / "gender-data" / "train" / cls).iterdir())[:2]:
+        for f in sorted((FACES / "gender-data" / "train" / cls).iterdir())[:3]:
             os.symlink(f, tmp / "faces" / cls / f.name)
     assert cli.main(["extract", "--model", str(tmp / "det3"), "--layer", "conv5", "--images", str(tmp / "faces"),
                      "--cache", str(tmp / "cache"), "--no-progress"]) == 0
@@ -324,6 +324,17 @@ def test_fit_head_bad_labels_csv(kind: str, world: dict[str, Path], tmp_path: Pa
                       "--label-column", "label", "--kind", "classification", "--quiet", "--out", str(tmp_path / "head"))
     assert_bad_input(rc, err, "--labels", str(f))
     assert not (tmp_path / "head").exists()
+
+
+@needs_testbed
+@pytest.mark.parametrize(("flags", "flag"), [(["--test-size", "0.1"], "--test-size"), (["--test-size", "0.9"], "--test-size"),
+                                             (["--holdout", "0.1"], "--holdout")])
+def test_fit_head_split_too_small_for_the_data(flags: list[str], flag: str, world: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """A fraction valid in itself that leaves a side without a row of each class (6 rows here)."""
+    capsys.readouterr()
+    rc, err = run_cli(capsys, "fit-head", "--cache", str(world["cache"]), "--layer", "conv5", "--label-column", "label",
+                      "--kind", "classification", "--cv", "2", "--quiet", "--out", str(tmp_path / "head"), *flags)
+    assert_bad_input(rc, err, flag, "one per class")
 
 
 @needs_testbed
