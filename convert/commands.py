@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_common import non_negative, positive_float
 from .errors import GraftError
 
 
@@ -13,10 +14,10 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("preprocessing (recorded in the package; extract applies it)")
     g.add_argument("--mean", help="per-channel mean in the model's channel order, e.g. 104,117,123")
     g.add_argument("--mean-file", help="mean image: Caffe .binaryproto (1xCxHxW) or .npy (CxHxW); centre-cropped to the input")
-    g.add_argument("--scale", type=float, help="multiply after mean subtraction (default 1)")
+    g.add_argument("--scale", type=positive_float, help="multiply after mean subtraction (default 1)")
     g.add_argument("--channel-order", choices=["bgr", "rgb", "gray"], help="channel order the net expects (default bgr)")
     g.add_argument("--resize", help="squash-resize to H[,W] before cropping (default: the input size)")
-    g.add_argument("--crop", type=int, help="centre crop to NxN after resizing (0 = none)")
+    g.add_argument("--crop", type=non_negative, help="centre crop to NxN after resizing (0 = none)")
 
 
 #: prototxt stems that say nothing about the model (BVLC's and most zoos' file names)
@@ -60,28 +61,17 @@ def register(sub) -> None:
 
 
 def _never_a_traceback(run):
-    """``convert``/``inspect`` report every failure as one line: a converter's or a runtime's
-    unexpected exception becomes a GraftError (set GRAFT_TRACEBACK=1 to see the traceback)."""
+    """``convert``/``inspect``: running out of memory is an implausible input (a layer parameter,
+    an input size), so it is reported as bad input; ``cli.main`` turns file errors into one line
+    (exit status 2) and anything unexpected into one ``internal error`` line (exit status 3)."""
     import functools
 
     @functools.wraps(run)
     def wrapped(args: argparse.Namespace) -> int:
-        import os
-
         try:
             return run(args)
-        except (GraftError, KeyboardInterrupt, BrokenPipeError):
-            raise
         except MemoryError:
             raise GraftError("out of memory (is an input or a layer parameter implausibly large?)") from None
-        except OSError as err:
-            where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-            raise GraftError(f"{where}{err.strerror or err}") from None
-        except Exception as err:
-            if os.environ.get("GRAFT_TRACEBACK"):
-                raise
-            detail = " ".join(str(err).split())[:400]
-            raise GraftError(f"internal error ({type(err).__name__}: {detail}); rerun with GRAFT_TRACEBACK=1 and report it") from None
 
     return wrapped
 

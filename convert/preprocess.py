@@ -39,7 +39,10 @@ def read_mean_file(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise GraftError(f"{path}: mean file not found")
     if path.suffix == ".npy":
-        arr = np.load(path).astype(np.float32)
+        try:
+            arr = np.asarray(np.load(path), dtype=np.float32)
+        except (ValueError, EOFError, TypeError):  # not an .npy, truncated, or not numbers
+            raise GraftError(f"{path}: not a .npy mean image") from None
     else:
         from .proto import pb
 

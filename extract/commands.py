@@ -6,8 +6,12 @@ import argparse
 import signal
 from typing import Any
 
-from convert.cli_common import mean, positive, sigterm_as_interrupt, size
-from extract.preprocess import RESIZE_FILTERS, RESIZE_MODES
+from convert.cli_common import mean, positive, positive_float, sigterm_as_interrupt, size
+
+#: extract.preprocess's RESIZE_MODES and RESIZE_FILTERS keys, named here so ``--help`` imports neither cv2 nor PIL
+#: (a test keeps them equal)
+RESIZE_MODE_NAMES = ("squash", "shorter-side")
+RESIZE_FILTER_NAMES = ("linear", "area", "cubic", "pil-bilinear", "pil-bicubic", "pil-lanczos")
 
 
 def register(subparsers: Any) -> None:
@@ -31,13 +35,13 @@ def register(subparsers: Any) -> None:
                      "trains on (default: the folder's name or the file's stem; a re-run replaces it)")
     pp = p.add_argument_group("preprocessing overrides (default: the package manifest's)")
     pp.add_argument("--mean", type=mean, metavar="M[,M,M]", help="per-channel mean, model channel order (replaces a mean image)")
-    pp.add_argument("--scale", type=float, help="multiply after mean subtraction")
+    pp.add_argument("--scale", type=positive_float, help="multiply after mean subtraction")
     pp.add_argument("--channel-order", choices=("rgb", "bgr"), help="channel order the network expects")
     pp.add_argument("--resize", type=size, metavar="N|H,W", help="squash-resize to this size first (0: none)")
     pp.add_argument("--crop", type=size, metavar="N|H,W", help="centre crop after resizing (0: none)")
-    pp.add_argument("--resize-mode", choices=tuple(RESIZE_MODES),
+    pp.add_argument("--resize-mode", choices=RESIZE_MODE_NAMES,
                     help="squash (Caffe's: aspect ignored) or shorter-side (keep the aspect, cover --resize, take its centre)")
-    pp.add_argument("--resize-filter", choices=tuple(RESIZE_FILTERS),
+    pp.add_argument("--resize-filter", choices=RESIZE_FILTER_NAMES,
                     help="linear: OpenCV INTER_LINEAR on uint8, as Caffe (default); pil-bilinear: graft's filter before cv2-exif/2")
     pp.add_argument("--fast-decode", action="store_true", default=None,
                     help="decode big JPEGs at 1/2, 1/4 or 1/8 scale (still >= the resize size): faster on CPU, not Caffe-exact")

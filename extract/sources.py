@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from convert.errors import GraftError
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
@@ -38,8 +40,54 @@ def guess_path_column(columns) -> str | None:
     return None
 
 
-class SourceError(ValueError):
-    """Bad input description (no such column, empty folder, malformed line); one-line message."""
+class SourceError(GraftError, ValueError):
+    """Bad input description (no such column, empty folder, malformed line); one-line message.
+
+    A :class:`GraftError`, so the command line reports it as bad input wherever it is raised."""
+
+
+def _unreadable(path: Path, flag: str, err: BaseException) -> SourceError:
+    """Why ``path`` (given as ``flag``) cannot be read, as one line naming both."""
+    if isinstance(err, IsADirectoryError) or path.is_dir():
+        why = "is a directory, expected a file"
+    elif isinstance(err, FileNotFoundError):
+        why = "no such file"
+    elif isinstance(err, PermissionError):
+        why = "permission denied"
+    elif isinstance(err, UnicodeDecodeError):
+        why = f"not a text file (byte {err.start} is not UTF-8)"
+    elif isinstance(err, OSError):
+        why = err.strerror or str(err)
+    else:
+        why = " ".join(str(err).split())[:200]
+    return SourceError(f"{flag} {path}: {why}")
+
+
+def read_text_file(path: str | os.PathLike, flag: str) -> str:
+    """The text of ``path``; missing, a directory, unreadable or binary: one error naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise _unreadable(path, flag, err) from None
+
+
+def read_csv_file(path: str | os.PathLike, flag: str = "--csv") -> pd.DataFrame:
+    """``path`` as a table; missing, a directory, unreadable, binary, empty or malformed: one
+    :class:`SourceError` naming the flag and the file, never pandas' traceback."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise SourceError(f"{flag} {path}: empty file (expected a header row, then one row per image)") from None
+    except pd.errors.ParserError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise SourceError(f"{flag} {path}: not a valid CSV ({detail})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _unreadable(path, flag, err) from None
+    if df.empty:
+        raise SourceError(f"{flag} {path}: a header but no rows")
+    return df
 
 
 def _absolute(root: Path, rel: str) -> str:
@@ -90,7 +138,7 @@ def from_csv(csv: str | os.PathLike, path_column: str | None = None, root: str |
     default the CSV's own folder (where such files usually live next to the images).
     """
     csv = Path(csv)
-    df = pd.read_csv(csv)
+    df = read_csv_file(csv, "--csv")
     if path_column is None:
         path_column = guess_path_column(df.columns)
         if path_column is None:
@@ -124,7 +172,7 @@ def from_list(list_file: str | os.PathLike, root: str | os.PathLike | None = Non
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
     rels, labels = [], []
-    for lineno, raw in enumerate(list_file.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(read_text_file(list_file, "--list").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -136,9 +184,9 @@ def from_list(list_file: str | os.PathLike, root: str | os.PathLike | None = Non
             rels.append(line)
             labels.append(None)
         else:
-            raise SourceError(f"{list_file}:{lineno}: expected 'path label' with an integer label, got {raw!r}")
+            raise SourceError(f"--list {list_file}:{lineno}: expected 'path label' with an integer label, got {raw!r}")
     if not rels:
-        raise SourceError(f"{list_file}: no entries")
+        raise SourceError(f"--list {list_file}: no entries")
     df = pd.DataFrame({"path": [_absolute(base, r) for r in rels], "rel_path": rels, "source": str(list_file)})
     if any(lab is not None for lab in labels):
         df["label"] = pd.array(labels, dtype="Int64")

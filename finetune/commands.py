@@ -8,7 +8,16 @@ import signal
 import sys
 from typing import Any
 
-from convert.cli_common import fraction, ints, non_negative, positive, sigterm_as_interrupt
+from convert.cli_common import (
+    fraction,
+    non_negative,
+    non_negative_float,
+    number,
+    positive,
+    positive_float,
+    positive_ints,
+    sigterm_as_interrupt,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -48,22 +57,22 @@ def register(subparsers: Any) -> None:
                    help="lr_mult 0 for a range of layers in net order (ends inclusive, may be open) or names/globs")
     o = p.add_argument_group("solver (defaults < --solver file < these flags)")
     o.add_argument("--solver", metavar="FILE", help="Caffe solver.prototxt (base_lr, lr_policy, gamma, stepsize, max_iter, ...)")
-    o.add_argument("--lr", type=float, dest="base_lr", help="base_lr (default 0.001)")
+    o.add_argument("--lr", type=positive_float, dest="base_lr", help="base_lr (default 0.001)")
     o.add_argument("--lr-policy", choices=("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid"), help="default fixed")
-    o.add_argument("--gamma", type=float)
-    o.add_argument("--power", type=float)
+    o.add_argument("--gamma", type=number, help="step, multistep, exp, inv, sigmoid (negative: a rising sigmoid)")
+    o.add_argument("--power", type=non_negative_float, help="inv, poly")
     o.add_argument("--stepsize", type=positive, help="iterations (step, sigmoid)")
-    o.add_argument("--stepvalue", type=ints, metavar="I[,I...]", help="iterations (multistep)")
+    o.add_argument("--stepvalue", type=positive_ints, metavar="I[,I...]", help="iterations (multistep)")
     o.add_argument("--max-iter", type=positive, help="iterations to run (and poly's horizon); default from --epochs")
-    o.add_argument("--momentum", type=float, help="default 0.9")
-    o.add_argument("--weight-decay", type=float, help="default 0.0005")
-    o.add_argument("--clip-gradients", type=float, metavar="NORM",
+    o.add_argument("--momentum", type=non_negative_float, help="default 0.9")
+    o.add_argument("--weight-decay", type=non_negative_float, help="default 0.0005")
+    o.add_argument("--clip-gradients", type=positive_float, metavar="NORM",
                    help="Caffe's clip_gradients: scale gradients down to this global L2 norm (default off; steadies regression)")
     r = p.add_argument_group("training")
     r.add_argument("--epochs", type=positive, help="passes over the training images (default: max_iter, else 10)")
     r.add_argument("--batch-size", type=positive, default=32, help="images per iteration (default 32)")
     r.add_argument("--mirror", action="store_true", help="random horizontal flips (Caffe's mirror: true)")
-    r.add_argument("--seed", type=int, help="split, initialisation, order, augmentation, dropout (default: solver random_seed, else 0)")
+    r.add_argument("--seed", type=non_negative, help="split, initialisation, order, augmentation, dropout (default: solver random_seed, else 0)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when visible")
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
     r.add_argument("--workers", type=non_negative, help="image decode threads (default min(4, cores); 0 decodes inline)")
@@ -93,7 +102,6 @@ def run_finetune(args: argparse.Namespace) -> int:
     from extract.preprocess import ImageError
     from extract.sources import SourceError, load_records
     from finetune.solver import build_solver
-    from finetune.train import finetune
     from heads.tasks import resolve_task
 
     spec = resolve_task(args.task, args.label_column, args.kind)
@@ -104,6 +112,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     try:
         records = load_records(images=args.images, csv=args.csv, list_file=args.list_file, root=args.root,
                                path_column=args.path_column)
+        from finetune.train import finetune  # torch: only once the input is known to be good
+
         old = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # a scheduler's kill: the last checkpoint stands
         try:
             res = finetune(

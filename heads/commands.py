@@ -6,17 +6,17 @@ import argparse
 import sys
 from typing import Any
 
-from convert.cli_common import floats, fraction, ints, positive
+from convert.cli_common import at_least, floats, fraction, non_negative, positive, positive_floats, positive_ints
 from convert.errors import GraftError
 
 ALLOW_PICKLE_HELP = ("also load a head saved by an older graft as head.joblib: a pickle, which runs code from the file "
                      "when loaded; only for heads you trust")
+#: heads.tasks.BUILTIN_TASKS' names, listed here so ``--help`` does not import pandas (a test keeps them equal)
+TASK_NAMES = ("gender", "age", "age-group", "young-old", "identity", "label")
 
 
 def register(subparsers: Any) -> None:
     """Add ``fit-head``, ``predict`` and ``export`` to graft's command line."""
-    from heads.tasks import BUILTIN_TASKS
-
     p = subparsers.add_parser(
         "fit-head",
         help="fit a light head (logreg / ridge / MLP) on cached embeddings, with an honest test report",
@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
         "beside a majority / mean baseline. Writes the head (head.json + head.npz: data, no pickle), card.json, report.{json,md} and plots.",
     )
     t = p.add_argument_group("task")
-    t.add_argument("--task", help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a name for --label-column")
+    t.add_argument("--task", help=f"built-in task ({', '.join(TASK_NAMES)}) or a name for --label-column")
     t.add_argument("--label-column", help="label column (cache metadata or --labels CSV)")
     t.add_argument("--kind", choices=("classification", "regression"), help="with --label-column")
     t.add_argument("--labels", metavar="CSV", help="labels joined on image path (or file name) instead of the cache's own")
@@ -43,17 +43,17 @@ def register(subparsers: Any) -> None:
                    help="auto: chosen by CV among logreg / ridge / mlp (regression: ridge / mlp)")
     h.add_argument("--preprocess", default="standardize", metavar="MODE[,MODE]",
                    help="none, standardize, l2, l2+standardize; several are compared by CV (default standardize)")
-    h.add_argument("--pca", type=int, metavar="N", help="project on N principal components after preprocessing")
-    h.add_argument("--alphas", type=floats, metavar="A,B,...", help="penalties to try (default: a grid per head)")
-    h.add_argument("--hidden", type=ints, default=(256,), metavar="N[,N]", help="MLP hidden layer sizes (default 256)")
-    h.add_argument("--max-iter", type=int, default=300, help="iterations per fit (logreg L-BFGS, MLP epochs)")
+    h.add_argument("--pca", type=positive, metavar="N", help="project on N principal components after preprocessing")
+    h.add_argument("--alphas", type=positive_floats, metavar="A,B,...", help="penalties to try (default: a grid per head)")
+    h.add_argument("--hidden", type=positive_ints, default=(256,), metavar="N[,N]", help="MLP hidden layer sizes (default 256)")
+    h.add_argument("--max-iter", type=positive, default=300, help="iterations per fit (logreg L-BFGS, MLP epochs)")
     h.add_argument("--mlp-backend", choices=("auto", "sklearn", "torch"), default="auto",
                    help="who trains the MLP: auto = torch on a GPU for large data (rows x dims >= 2e7), else scikit-learn")
-    h.add_argument("--cv", type=int, default=5, help="CV folds on the training split (default 5)")
+    h.add_argument("--cv", type=at_least(2), default=5, help="CV folds on the training split (default 5)")
     h.add_argument("--holdout", type=fraction, help="one validation fold of this size instead of k-fold "
                    "(automatic, 0.2, above 20,000 training rows)")
     h.add_argument("--scoring", help="classification: balanced_accuracy (default), accuracy; regression: neg_rmse (default), r2")
-    h.add_argument("--seed", type=int, default=0, help="seed of splits, folds and fits (default 0)")
+    h.add_argument("--seed", type=non_negative, default=0, help="seed of splits, folds and fits (default 0)")
     h.add_argument("--clip-range", type=clip_range, default="train", metavar="train|none|LOW,HIGH",
                    help="regression: clip predictions to the training labels' range (default train), to LOW,HIGH, or not (none)")
     s = p.add_argument_group("split")
@@ -85,8 +85,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache", metavar="DIR", help="cache folder (default: artifacts/cache/<model>)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
+    p.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(16, cores) on CUDA)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.set_defaults(func=run_predict)
@@ -117,8 +117,6 @@ def run_fit_head(args: argparse.Namespace) -> int:
 
     spec = resolve_task(args.task, args.label_column, args.kind)
     modes = [m.strip() for m in args.preprocess.split(",") if m.strip()]
-    if args.cv < 2:
-        raise GraftError(f"--cv must be at least 2, got {args.cv}")
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     res = fit_head_from_cache(
         spec, model=args.model, layer=args.layer, cache=args.cache, cache_key=args.cache_key, dataset=args.dataset, labels=args.labels,

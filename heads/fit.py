@@ -279,7 +279,9 @@ def fit_head_from_cache(
         raise GraftError(str(err)) from err
     used = meta.attrs.get("dataset")
     if labels is not None:
-        lab = pd.read_csv(labels)
+        from extract.sources import read_csv_file  # missing, binary, empty or malformed: one error line
+
+        lab = read_csv_file(labels, "--labels")
         meta = join_labels(meta, lab, labels_path_column)
     cinfo = cache_info(source, layer, cache_key, used)
     log = kwargs.get("log")

@@ -118,7 +118,10 @@ def read_card(head_dir: str | os.PathLike) -> dict:
     p = Path(head_dir) / CARD
     if not p.exists():
         raise GraftError(f"{head_dir} is not a head folder (no {CARD})")
-    card = json.loads(p.read_text())
+    try:
+        card = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise GraftError(f"{p}: not a readable card ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
     if card.get("format") != CARD_FORMAT:
         raise GraftError(f"{p}: format {card.get('format')!r}, expected {CARD_FORMAT!r}")
     return card

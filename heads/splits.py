@@ -9,6 +9,7 @@ than scored, because scoring them would measure memory, not generalisation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,15 +135,18 @@ def make_split(
             train, test = next(cv.split(idx, y, groups))
             source = f"stratified group hold-out (1/{k}, seed {seed})"
         else:
+            _check_fraction(y, test_size, "--test-size", stratified=True)
             cv = StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
             train, test = next(cv.split(idx, y))
             source = f"stratified hold-out ({test_size:g}, seed {seed})"
     else:
         if grouped:
+            _check_fraction(np.unique(groups), test_size, "--test-size", what="groups")
             cv = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
             train, test = next(cv.split(idx, y, groups))
             source = f"group hold-out ({test_size:g}, seed {seed})"
         else:
+            _check_fraction(y, test_size, "--test-size")
             train, test = next(ShuffleSplit(n_splits=1, test_size=test_size, random_state=seed).split(idx))
             source = f"random hold-out ({test_size:g}, seed {seed})"
     if group_column:
@@ -156,6 +160,17 @@ def _check_train(y_train: np.ndarray, classification: bool) -> None:
         raise GraftError(f"only {len(y_train)} training row(s)")
     if classification and len(np.unique(y_train)) < 2:
         raise GraftError(f"the training split has a single class ({np.unique(y_train)[0]!r}): nothing to learn")
+
+
+def _check_fraction(y: np.ndarray, size: float, flag: str, stratified: bool = False, what: str = "rows") -> None:
+    """scikit-learn's shuffle splits hold out ceil(size * n) of ``y``'s n items and train on the
+    rest; both sides need an item (stratified: one per class), else its ValueError would escape."""
+    n, n_out = len(y), math.ceil(size * len(y))
+    need = len(np.unique(y)) if stratified else 1
+    if n_out < need or n - n_out < need:
+        each = f"{need} (one per class)" if stratified else "1"
+        raise GraftError(f"{flag} {size:g} of {n} {what} holds out {n_out} and leaves {n - n_out} to train on; "
+                         f"each side needs at least {each}: change {flag} or add data")
 
 
 def _check_counts(y: np.ndarray, need: int, what: str) -> None:
@@ -190,9 +205,12 @@ def cv_folds(
             return [next(cv.split(idx, y, groups))]
         if classification:
             _check_counts(y, 2, "a validation fold")
+            _check_fraction(y, holdout, "--holdout", stratified=True)
             return [next(StratifiedShuffleSplit(n_splits=1, test_size=holdout, random_state=seed).split(idx, y))]
         if grouped:
+            _check_fraction(np.unique(groups), holdout, "--holdout", what="groups")
             return [next(GroupShuffleSplit(n_splits=1, test_size=holdout, random_state=seed).split(idx, y, groups))]
+        _check_fraction(y, holdout, "--holdout")
         return [next(ShuffleSplit(n_splits=1, test_size=holdout, random_state=seed).split(idx))]
     if n_splits < 2:
         raise GraftError(f"--cv must be at least 2, got {n_splits}")

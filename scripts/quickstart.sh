@@ -22,6 +22,14 @@ if [ ! -f "$FACES/labels.csv" ]; then
   echo "no labelled faces at $FACES (set FACES=DIR with a labels.csv); stopping after convert" >&2
   exit 0
 fi
-python cli.py extract --model open-nsfw --layer pool --csv "$FACES/labels.csv" --path-column file --root "$FACES"
+# exit status 1: the run completed but some images could not be read (fit-head uses the rest);
+# 2 (bad input), 3 (internal error) and 130 (interrupted) stop the script
+rc=0
+python cli.py extract --model open-nsfw --layer pool --csv "$FACES/labels.csv" --path-column file --root "$FACES" || rc=$?
+if [ "$rc" -eq 1 ]; then
+  echo "some images failed and were skipped (listed in the cache's failures.csv, see 'failures:' above); continuing" >&2
+elif [ "$rc" -ne 0 ]; then
+  exit "$rc"
+fi
 python cli.py fit-head --task gender --model open-nsfw --layer pool
 echo "report: artifacts/heads/gender-open-nsfw-pool/"
