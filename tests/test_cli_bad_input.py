@@ -81,6 +81,7 @@ NUMERIC = {
     ("fit-head", "--alphas"): ("0", "-1", "abc", "1,-1", ""),
     ("fit-head", "--hidden"): ("0", "-3", "abc", "256,0", ""),
     ("fit-head", "--max-iter"): POSITIVE_INT,
+    ("fit-head", "--clip-range"): ("abc", "5,1", "1", "1,2,3"),
     ("fit-head", "--cv"): ("0", "1", "-3", "abc"),
     ("fit-head", "--holdout"): FRACTION,
     ("fit-head", "--seed"): NON_NEGATIVE_INT,
