@@ -11,10 +11,13 @@ Three paths, one result table:
   validation score has fallen twice in a row.
 * **mlp** (and ridge with PCA): one fit per fold and penalty.
 
-logreg and mlp are searched by successive halving (as scikit-learn's ``HalvingGridSearchCV``):
-every penalty is scored on the first fold, and only the best third of each head's penalties
-on the remaining folds; the choice is made among those fully cross-validated, and the others
-stay in the table, marked ``screened_out``. With one validation fold there is nothing to halve.
+logreg and mlp are searched by racing and successive halving (as scikit-learn's
+``HalvingGridSearchCV``): ridge is scored first, on every fold; a head whose best first-fold
+score is behind ridge's by more than the spread of ridge's fold scores goes no further (an MLP
+is probed at one penalty before its others are tried); otherwise every penalty is scored on the
+first fold and only the best third of each head's penalties on the remaining folds. The choice
+is made among those fully cross-validated; the others stay in the table, marked
+``screened_out``. With one validation fold there is nothing to race or halve.
 
 Scores are "higher is better": balanced accuracy (default) or accuracy for classification,
 negative RMSE (default) or R^2 for regression. Ties go to the stronger penalty.
@@ -213,7 +216,17 @@ def search(
             }
         )
 
-    for head in heads:
+    def race_bar() -> tuple[float, float] | None:
+        """(ridge's best first-fold score, the spread of its fold scores) once ridge is scored:
+        the bar the other heads must come near on the first fold to be cross-validated."""
+        rows = [r for r in table if r["head"] == "ridge" and len(r["fold_scores"]) > 1]
+        if not rows or len(folds) < 2:
+            return None
+        best = max(rows, key=lambda r: r["score"])
+        return max(r["fold_scores"][0] for r in rows), float(np.std(best["fold_scores"]))
+
+    # ridge first (its whole path costs about one fit): its scores are the bar of the race
+    for head in sorted(heads, key=lambda h: h != "ridge" or n_components is not None):
         grid = sorted(alphas if alphas else default_grid(head, len(y)), reverse=True)
         for mode in preprocess:
             t1 = time.perf_counter()
@@ -263,8 +276,22 @@ def search(
                             break
                 return got
 
+            # racing: a head clearly behind ridge on the first fold goes no further (an MLP is
+            # probed at its middle penalty before the others are tried)
+            bar = race_bar()
+            first: dict[float, tuple[float, float]] = {}
+            if bar is not None and head == "mlp" and len(grid) > 2:
+                first = run_fold(0, [grid[len(grid) // 2]])
+            if not first or bar is None or max(v[0] for v in first.values()) >= bar[0] - bar[1]:
+                first.update(run_fold(0, [a for a in grid if a not in first]))
+            behind = bar is not None and max(v[0] for v in first.values()) < bar[0] - bar[1]
+            if behind:
+                for a in sorted(first, reverse=True):
+                    add(head, mode, a, [first[a][0]], first[a][1], screened=True)
+                say(f"  {head}/{mode}: {max(v[0] for v in first.values()):.4f} on the first fold, behind ridge's "
+                    f"{bar[0]:.4f} by more than its fold spread {bar[1]:.4f}: not cross-validated ({time.perf_counter() - t1:.1f} s)")
+                continue
             # successive halving: every penalty on the first fold, the best third on the others
-            first = run_fold(0, grid)
             keep = sorted(first, key=lambda a: (-first[a][0], -a))[: max(1, -(-len(first) // HALVING))] if len(folds) > 1 else list(first)
             scores = {a: [first[a][0]] for a in first}
             times = {a: first[a][1] for a in first}

@@ -307,3 +307,24 @@ def test_regression_clips_to_the_training_range(tmp_path):
     np.testing.assert_allclose(sess.run(["prediction"], {"features": far})[0], clipped.predict(far), rtol=1e-5)
     with pytest.raises(ValueError, match="low must be below high"):
         HeadRegressor(clip_range=(5, 1)).fit(X, y)
+
+
+def test_search_races_heads_against_ridge():
+    """Racing + halving: on linear data the MLP stops after its first-fold probe; on data only
+    a non-linear head can separate (XOR of two features) it is cross-validated and chosen."""
+    from heads.search import search
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 10)).astype(np.float32)
+    linear = np.where(X[:, 0] + 0.5 * X[:, 1] > 0, "a", "b")
+    res = search(X, linear, kind="classification", heads=["logreg", "ridge", "mlp"], cv=4, max_iter=100)
+    mlp = [r for r in res.table if r["head"] == "mlp"]
+    assert mlp and all(r["screened_out"] and len(r["fold_scores"]) == 1 for r in mlp) and len(mlp) == 1
+    assert res.best["head"] in ("logreg", "ridge")
+    logreg = [r for r in res.table if r["head"] == "logreg"]
+    assert sum(not r["screened_out"] for r in logreg) == 2 and all(len(r["fold_scores"]) == 4 for r in logreg if not r["screened_out"])
+
+    xor = np.where((X[:, 0] > 0) ^ (X[:, 1] > 0), "a", "b")
+    res = search(X, xor, kind="classification", heads=["logreg", "ridge", "mlp"], cv=4, max_iter=200)
+    assert res.best["head"] == "mlp"
+    assert any(r["head"] == "mlp" and not r["screened_out"] and len(r["fold_scores"]) == 4 for r in res.table)
