@@ -166,7 +166,7 @@ def test_fit_head_cli_errors_are_one_line(nsfw_pkg, face_cache, capsys):
         return lines[-1]
 
     assert cli.main([*base, "--task", "identity"]) == 2
-    assert error_line().startswith("error: label column 'identity' not found")
+    assert error_line().startswith("error: label column 'identity' (nor identity_id, person")
     assert cli.main([*base, "--task", "gender", "--layer", "nope"]) == 2
     error_line()
     assert cli.main([*base, "--label-column", "task", "--kind", "classification", "--where", "task=age-data"]) == 2
