@@ -78,7 +78,8 @@ def test_logreg_matches_sklearn_objective():
     X, y = _clf(k=3)
     ours = HeadClassifier(head="logreg", preprocess="none", alpha=2.0, max_iter=2000).fit(X, y)
     ref = LogisticRegression(C=1 / 2.0, tol=1e-10, max_iter=5000).fit(X, y)
-    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=2e-3)
+    # 2e-3 with scikit-learn 1.9; 1.6.0's L-BFGS (the declared floor) stops 3e-3 away on 2 of 900
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=4e-3)
 
 
 def test_ridge_regressor_matches_sklearn():
