@@ -138,6 +138,9 @@ def _ridge_path(
             sd[sd < 1e-8] = 1.0
         else:
             sd = np.ones(d)
+        if nt < d:  # fewer training rows than features: the (n x n) kernel is the smaller eigenproblem
+            preds.append(_ridge_path_dual(Zg, T, folds[f], mu, sd, ym, alphas))
+            continue
         C = C / np.outer(sd, sd)
         Cxy = Cxy / sd[:, None]
         e, V = np.linalg.eigh(C)
@@ -148,6 +151,22 @@ def _ridge_path(
         P = (Zg[parts[f]] @ W).astype(np.float64) + b
         preds.append(P.reshape(len(parts[f]), len(alphas), T.shape[1]))
     return preds
+
+
+def _ridge_path_dual(Zg: np.ndarray, T: np.ndarray, fold: tuple[np.ndarray, np.ndarray], mu: np.ndarray, sd: np.ndarray,
+                     ym: np.ndarray, alphas: Sequence[float]) -> np.ndarray:
+    """One fold's validation predictions (n_val, len(alphas), k) from the kernel form:
+    (Z^T Z + aI)^-1 Z^T = Z^T (Z Z^T + aI)^-1, so one (n x n) eigendecomposition prices every
+    penalty, as the primal path does with its (d x d) one; the same solution, cheaper when n < d."""
+    tr, va = fold
+    Zs = ((Zg[tr] - mu) / sd).astype(np.float32)
+    Zv = ((Zg[va] - mu) / sd).astype(np.float32)
+    K = (Zs @ Zs.T).astype(np.float64)
+    e, U = np.linalg.eigh(K)
+    B = U.T @ (T[tr] - ym)
+    M = (Zv @ Zs.T).astype(np.float64) @ U
+    P = [M @ (B / (np.maximum(e, 0.0) + a)[:, None]) + ym for a in alphas]
+    return np.stack(P, axis=1)
 
 
 def search(

@@ -89,10 +89,11 @@ def test_ridge_regressor_matches_sklearn():
     np.testing.assert_allclose(ours.predict(X), ref.predict(X), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("n, d", [(400, 60), (80, 200)])  # primal (d x d) and kernel (n x n) paths
 @pytest.mark.parametrize("mode", ["none", "standardize", "l2", "l2+standardize"])
-def test_ridge_path_equals_one_fit_per_penalty(mode):
+def test_ridge_path_equals_one_fit_per_penalty(mode, n, d):
     """The shared-decomposition CV path gives the same validation predictions as separate fits."""
-    X, y = _clf(k=3, n=400, d=60)
+    X, y = _clf(k=3, n=n, d=d)
     yi = np.searchsorted(np.unique(y), y)
     T = ridge_targets(yi, 3)
     folds = cv_folds(yi, None, kind="classification", n_splits=4)
