@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ class FitResult:
     estimator: Any
     card: dict
     report: dict
+
+
+def _import_pyplot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
 
 def slug(text: str) -> str:
@@ -94,6 +102,8 @@ def fit_head(
     """
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
+    if with_plots:  # matplotlib's import (~0.5 s of Python) overlaps the search's BLAS, which drops the GIL
+        threading.Thread(target=_import_pyplot, name="graft-import-pyplot", daemon=True).start()
     data = prepare(X, meta, spec, where=where)
     if data.spec.label_column != spec.label_column:
         say(f"{spec.name}: no {spec.label_column!r} column, using {data.spec.label_column!r}")

@@ -112,35 +112,37 @@ def _ridge_path(
         member[va] = f
     parts = [np.nonzero(member == f)[0] for f in range(len(folds))]
     rest = np.nonzero(member < 0)[0]  # hold-out: rows never validated
+    # every fold has fewer training rows than features: the kernel path needs only column sums
+    # and sums of squares (for the fold's mean and scale), not the (d x d) Grams
+    dual = n - min(len(p) for p in parts) < d
     stats = []
     for rows in [*parts, rest]:
         Zr = Zg[rows]
         Tr = T[rows]
-        stats.append(
-            (
-                len(rows),
-                Zr.sum(axis=0, dtype=np.float64),
-                (Zr.T @ Zr).astype(np.float64) if len(rows) else np.zeros((d, d)),
-                (Zr.T @ Tr.astype(np.float32)).astype(np.float64) if len(rows) else np.zeros((d, T.shape[1])),
-                Tr.sum(axis=0),
-            )
-        )
+        if dual:
+            second = np.einsum("ij,ij->j", Zr, Zr, dtype=np.float64)  # the Gram's diagonal
+            cross = np.zeros((d, T.shape[1]))
+        else:
+            second = (Zr.T @ Zr).astype(np.float64) if len(rows) else np.zeros((d, d))
+            cross = (Zr.T @ Tr.astype(np.float32)).astype(np.float64) if len(rows) else np.zeros((d, T.shape[1]))
+        stats.append((len(rows), Zr.sum(axis=0, dtype=np.float64), second, cross, Tr.sum(axis=0)))
     tot = [sum(s[i] for s in stats) for i in range(5)]
     preds: list[np.ndarray] = []
     for f in range(len(folds)):
         nt, s, G, ty, sy = (tot[i] - stats[f][i] for i in range(5))
         mu = s / nt
         ym = sy / nt
-        C = G - nt * np.outer(mu, mu)
-        Cxy = ty - nt * np.outer(mu, ym)
+        var = (G - nt * mu * mu) if dual else np.diag(G) - nt * mu * mu
         if mode.endswith("standardize"):
-            sd = np.sqrt(np.maximum(np.diag(C), 0.0) / nt)
+            sd = np.sqrt(np.maximum(var, 0.0) / nt)
             sd[sd < 1e-8] = 1.0
         else:
             sd = np.ones(d)
-        if nt < d:  # fewer training rows than features: the (n x n) kernel is the smaller eigenproblem
+        if dual:  # fewer training rows than features: the (n x n) kernel is the smaller eigenproblem
             preds.append(_ridge_path_dual(Zg, T, folds[f], mu, sd, ym, alphas))
             continue
+        C = G - nt * np.outer(mu, mu)
+        Cxy = ty - nt * np.outer(mu, ym)
         C = C / np.outer(sd, sd)
         Cxy = Cxy / sd[:, None]
         e, V = np.linalg.eigh(C)
