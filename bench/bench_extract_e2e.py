@@ -29,10 +29,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-TESTBED = REPO.parent / "shared" / "testbed"
-PROTO = TESTBED / "caffe" / "open_nsfw" / "deploy.prototxt"
-WEIGHTS = TESTBED / "caffe" / "open_nsfw" / "resnet_50_1by2_nsfw.caffemodel"
-FACES = TESTBED / "faces" / "imdbwiki"
+from bench.bench_extract import FACES, PROTO, WEIGHTS  # noqa: E402  (the same model and faces as the in-process bench)
 
 OPENCV = r"""
 import sys, time, numpy as np, cv2

@@ -9,7 +9,7 @@ keeps the ``keep_top_k`` best detections per image and writes Caffe's ``[1, 1, N
 ``[image_id, label, score, xmin, ymin, xmax, ymax]``: by image, then label, then score
 (descending). When no image has a detection, Caffe writes one row ``[i, -1, ..., -1]`` per
 image; both emitters do the same. The ONNX graph uses NonMaxSuppression (all images and
-classes folded into its batch axis) and keeps Caffe's tie order (lower prior index first).
+classes folded into its batch axis) and keeps Caffe's tie order (the lower prior index first).
 """
 
 from __future__ import annotations
