@@ -101,6 +101,18 @@ def bench_torch_bs1(pkg: Path, files: list[str], threads: int) -> tuple[float, n
     return len(files) / (time.perf_counter() - t), np.concatenate(outs)
 
 
+def distinct_faces(n: int) -> list[Path]:
+    """The first ``n`` (0: all) test-bed faces with distinct contents, sorted by path."""
+    seen: set[str] = set()
+    files = []
+    for p in sorted(FACES.rglob("*.jpg")):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            files.append(p)
+    return files[:n] if n else files
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
@@ -119,14 +131,7 @@ def main() -> None:
     args = ap.parse_args()
 
     # distinct contents only: graft would compute a duplicate once, the other loops twice
-    seen: set[str] = set()
-    files = []
-    for p in sorted(FACES.rglob("*.jpg")):
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        if digest not in seen:
-            seen.add(digest)
-            files.append(str(p))
-    files = files[: args.n]
+    files = [str(p) for p in distinct_faces(args.n)]
     torch_threads = args.threads
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,6 @@ Then the re-run: the same extract again over a fully cached folder, timed agains
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import subprocess
@@ -29,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.bench_extract import FACES, PROTO, WEIGHTS  # noqa: E402  (the same model and faces as the in-process bench)
+from bench.bench_extract import FACES, PROTO, WEIGHTS, distinct_faces  # noqa: E402  (the same model and faces as the in-process bench)
 
 OPENCV = r"""
 import sys, time, numpy as np, cv2
@@ -46,18 +45,6 @@ for i in range(0, len(files), batch):
     outs.append(net.forward("pool").reshape(len(ims), -1).copy())
 np.save(out, np.concatenate(outs))
 """
-
-
-def distinct_faces(n: int) -> list[Path]:
-    """The first ``n`` (0: all) test-bed faces with distinct contents, sorted by path."""
-    seen: set[str] = set()
-    files = []
-    for p in sorted(FACES.rglob("*.jpg")):
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        if digest not in seen:
-            seen.add(digest)
-            files.append(p)
-    return files[:n] if n else files
 
 
 def link_folder(files: list[Path], folder: Path) -> Path:

@@ -91,12 +91,17 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``1,2,3`` as integers; empty when any part is not one."""
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        return ()
+
+
 def ints(text: str) -> tuple[int, ...]:
     """``1,2,3``: a non-empty tuple of integers."""
-    try:
-        vals = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        vals = ()
+    vals = _int_list(text)
     if not vals:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     return vals
@@ -104,10 +109,7 @@ def ints(text: str) -> tuple[int, ...]:
 
 def positive_ints(text: str) -> tuple[int, ...]:
     """``256`` or ``512,128``: layer sizes, iteration numbers."""
-    try:
-        vals = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        vals = ()
+    vals = _int_list(text)
     if not vals or min(vals) <= 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return vals
