@@ -149,10 +149,9 @@ class _Claims:
             return None
 
 
-def _hash_claim_load(path: str, sha: str | None, claims: _Claims, memo: StatMemo | None, pp: Preprocess,
-                     shape: tuple[int, ...] | None, uint8: bool = False) -> tuple[str | None, np.ndarray | str]:
-    """One file, in a worker: its sha256 (read and hashed unless the memo knew it), then the
-    network input if this run must compute it. Returns (sha, array | DUPLICATE | CACHED | reason)."""
+def hash_and_claim(path: str, sha: str | None, claims: _Claims, memo: StatMemo | None) -> tuple[str | None, str | None]:
+    """One file, in a worker: its sha256 (read and hashed unless the memo knew it) and whether
+    this run computes it. Returns (sha, None: compute it | DUPLICATE | CACHED) or (None, reason)."""
     if sha is None:
         try:
             st = os.stat(path)
@@ -163,11 +162,21 @@ def _hash_claim_load(path: str, sha: str | None, claims: _Claims, memo: StatMemo
             return None, reason or "unreadable"
         if memo is not None and st is not None:
             memo.remember(path, st, sha)
-    skip = claims.claim(sha)
-    if skip is not None:
-        return sha, skip
+    return sha, claims.claim(sha)
+
+
+def _hash_claim_load(path: str, sha: str | None, claims: _Claims, memo: StatMemo | None, pp: Preprocess,
+                     shape: tuple[int, ...] | None, uint8: bool = False) -> tuple[str | None, np.ndarray | str]:
+    """:func:`hash_and_claim`, then the network input if this run must compute it. Returns
+    (sha, array | DUPLICATE | CACHED | reason)."""
+    sha, skip = hash_and_claim(path, sha, claims, memo)
+    if sha is None or skip is not None:
+        return sha, skip or "unreadable"
     return sha, _load_one(pp, path, shape, uint8)
 
+
+#: ``extract --engine``: this process (threads) or a Ray cluster (extract.ray_engine)
+ENGINES = ("local", "ray")
 
 #: the lowest cosine to fp32 a reduced-precision run may have on its first batch, per blob
 MIN_COSINE = 0.999
@@ -238,30 +247,9 @@ def run_pipeline(
     summary = Summary(images=len(records), backend=getattr(backend, "name", type(backend).__name__),
                       precision=getattr(backend, "precision", "fp32"), batch_size=batch_size, workers=workers,
                       blobs=list(writer.blobs), cache_dir=str(writer.dir))
-    dataset = _dataset_of(records, dataset)
-    writer.check_dataset(dataset.name, dataset.source, dataset.explicit)
-    paths = records["path"].astype(str).tolist()
-    failures: dict[str, str] = {}
-    shas: list[str | None] = [None] * len(paths)
-    claims = _Claims(writer)
-    memo = StatMemo(writer.dir.parent) if stat_memo else None
-    todo: list[tuple[int, str]] = []
+    run = RunState.start(records, writer, dataset, stat_memo)
+    shas, failures, claims, memo, known, todo = run.shas, run.failures, run.claims, run.memo, run.known, run.todo
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="graft-decode") as pool:
-        known: dict[str, str] = {}
-        if memo is not None and len(memo):
-            known = {p: sha for p in paths if (sha := memo.lookup(p)) is not None}
-            if known and not memo.spot_check(known, lambda p: hash_or_reason(p)[0]):
-                warnings.warn(f"{memo.path}: a file's content changed under an unchanged stat signature; "
-                              "every file is hashed again this run", stacklevel=2)
-                known = {}
-        for i, path in enumerate(paths):
-            sha = known.get(path)
-            if sha is not None and (sha in claims.seen or not writer.needs(sha)):
-                claims.claim(sha)  # known and nothing to compute: the file is not even opened
-                shas[i] = sha
-            else:
-                todo.append((i, path))
-
         use_u8 = _ships_uint8(backend, device_preprocess)
         in_shape = pp.input_shape()
         if use_u8 and in_shape is not None:
@@ -335,26 +323,76 @@ def run_pipeline(
             if memo is not None:
                 memo.save()
         summary.infer_seconds = time.perf_counter() - t1
-    records["sha256"] = pd.array(shas, dtype="string")
-    summary.unique = len(claims.seen)
-    summary.cached = len(claims.cached)
     summary.backend = getattr(backend, "name", summary.backend)
+    return summary, run.finish(summary, bad_sha, t0)
 
-    for path, sha in zip(paths, shas):
-        if sha is not None and sha in bad_sha:
-            failures[path] = bad_sha[sha]
-    summary.failed = len(failures)
-    fail_df = pd.DataFrame({"path": list(failures), "reason": list(failures.values())})
-    writer.write_dataset(dataset.name, records, failures, source=dataset.source, command=dataset.command,
-                         explicit=dataset.explicit)
-    summary.dataset = dataset.name
-    if failures or (writer.dir / "failures.csv").exists():
-        summary.failures_path = str(writer.write_failures(fail_df)) if failures else None
-        if not failures:
-            (writer.dir / "failures.csv").unlink()
-    summary.seconds = time.perf_counter() - t0
-    writer.record_run({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary.as_dict()})
-    return summary, fail_df
+
+@dataclass
+class RunState:
+    """What every engine shares around its compute loop: the input's paths and their hashes, the
+    claims (which contents this run computes), the stat memo, and the end of a run (the dataset,
+    failures.csv and the manifest's run record), so a cache is the same whichever engine wrote it."""
+
+    records: pd.DataFrame
+    writer: CacheWriter
+    dataset: Dataset
+    paths: list[str]
+    shas: list[str | None]
+    claims: _Claims
+    memo: StatMemo | None
+    known: dict[str, str]
+    todo: list[tuple[int, str]]
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, records: pd.DataFrame, writer: CacheWriter, dataset: Dataset | str | None, stat_memo: bool) -> RunState:
+        """Check the dataset name, look every path up in the stat memo, and list what must be read:
+        ``todo`` is every (row, path) not known to be cached or a duplicate without opening it."""
+        ds = _dataset_of(records, dataset)
+        writer.check_dataset(ds.name, ds.source, ds.explicit)
+        paths = records["path"].astype(str).tolist()
+        shas: list[str | None] = [None] * len(paths)
+        claims = _Claims(writer)
+        memo = StatMemo(writer.dir.parent) if stat_memo else None
+        known: dict[str, str] = {}
+        if memo is not None and len(memo):
+            known = {p: sha for p in paths if (sha := memo.lookup(p)) is not None}
+            if known and not memo.spot_check(known, lambda p: hash_or_reason(p)[0]):
+                warnings.warn(f"{memo.path}: a file's content changed under an unchanged stat signature; "
+                              "every file is hashed again this run", stacklevel=3)
+                known = {}
+        todo: list[tuple[int, str]] = []
+        for i, path in enumerate(paths):
+            sha = known.get(path)
+            if sha is not None and (sha in claims.seen or not writer.needs(sha)):
+                claims.claim(sha)  # known and nothing to compute: the file is not even opened
+                shas[i] = sha
+            else:
+                todo.append((i, path))
+        return cls(records, writer, ds, paths, shas, claims, memo, known, todo)
+
+    def finish(self, summary: Summary, bad_sha: Mapping[str, str], t0: float) -> pd.DataFrame:
+        """Write the run's dataset (failed paths left out), failures.csv and the run record; fill
+        the summary's counts. Returns the failures (path, reason)."""
+        records, writer, failures = self.records, self.writer, self.failures
+        records["sha256"] = pd.array(self.shas, dtype="string")
+        summary.unique = len(self.claims.seen)
+        summary.cached = len(self.claims.cached)
+        for path, sha in zip(self.paths, self.shas):
+            if sha is not None and sha in bad_sha:
+                failures[path] = bad_sha[sha]
+        summary.failed = len(failures)
+        fail_df = pd.DataFrame({"path": list(failures), "reason": list(failures.values())})
+        writer.write_dataset(self.dataset.name, records, failures, source=self.dataset.source,
+                             command=self.dataset.command, explicit=self.dataset.explicit)
+        summary.dataset = self.dataset.name
+        if failures or (writer.dir / "failures.csv").exists():
+            summary.failures_path = str(writer.write_failures(fail_df)) if failures else None
+            if not failures:
+                (writer.dir / "failures.csv").unlink()
+        summary.seconds = time.perf_counter() - t0
+        writer.record_run({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary.as_dict()})
+        return fail_df
 
 
 def _dataset_of(records: pd.DataFrame, dataset: Dataset | str | None) -> Dataset:
@@ -445,8 +483,17 @@ def extract(
     progress: bool = True,
     dataset: Dataset | str | None = None,
     stat_memo: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None,
 ) -> tuple[Summary, pd.DataFrame]:
     """Embeddings of ``blobs`` of a model package for every image of ``records``, cached.
+
+    ``engine="ray"`` runs the decode+infer loop on a Ray cluster (``ray_address``; default
+    ``$RAY_ADDRESS`` or a local one-machine cluster), ``workers`` actors reserving
+    ``gpus_per_worker`` GPUs and ``cpus_per_worker`` CPUs each (``extract.ray_engine``); the
+    cache is the same either way.
 
     ``dataset`` names the key's dataset this run's rows become (a :class:`Dataset`, or a name);
     default: derived from ``records``' source (``train`` for a folder ``data/train``). ``predict``
@@ -479,12 +526,27 @@ def extract(
     pp = resolve_preprocess(pkg, preprocess)
     if pp.output_size() is None:
         raise ValueError("the package gives no input size; pass --resize H,W")
-    net = LazyBackend(pkg, blobs, backend=backend, device=device, precision=precision, preprocess=pp)
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {ENGINES}, got {engine!r}")
     name = pkg.manifest.get("name") or Path(pkg.dir).name
     model_dir = Path(cache) if cache is not None else default_cache_root() / name
-    config = cache_config(pkg.weights_sha256, pp, dtype, l2, net.precision, pkg.graph_sha256)
     info = {"model": {"name": name, "package": str(pkg.dir), "weights_sha256": pkg.weights_sha256},
             "blob_shapes": {b: pkg.blobs[b].get("shape") for b in blobs}}
+    if engine == "ray":
+        from extract.ray_engine import Cluster, run_pipeline_ray
+
+        cluster = Cluster(ray_address)
+        try:
+            plan = cluster.plan(backend, device, precision, gpus_per_worker, cpus_per_worker, workers)
+            config = cache_config(pkg.weights_sha256, pp, dtype, l2, plan.precision, pkg.graph_sha256)
+            with CacheWriter(model_dir / cache_key(config), config, blobs, shard_size=shard_size, info=info) as writer:
+                return run_pipeline_ray(records, cluster, plan, pkg, pp, preprocess or {}, writer,
+                                        batch_size=batch_size or default_batch_size(plan.device), progress=progress,
+                                        dataset=dataset, stat_memo=stat_memo)
+        finally:
+            cluster.close()
+    net = LazyBackend(pkg, blobs, backend=backend, device=device, precision=precision, preprocess=pp)
+    config = cache_config(pkg.weights_sha256, pp, dtype, l2, net.precision, pkg.graph_sha256)
     writer = CacheWriter(model_dir / cache_key(config), config, blobs, shard_size=shard_size, info=info)
     try:
         return run_pipeline(records, net, writer, pp,
