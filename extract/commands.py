@@ -6,7 +6,7 @@ import argparse
 import signal
 from typing import Any
 
-from convert.cli_common import mean, positive, positive_float, sigterm_as_interrupt, size
+from convert.cli_common import mean, non_negative_float, positive, positive_float, sigterm_as_interrupt, size
 
 #: extract.preprocess's RESIZE_MODES and RESIZE_FILTERS keys, named here so ``--help`` imports neither cv2 nor PIL
 #: (a test keeps them equal)
@@ -52,7 +52,18 @@ def register(subparsers: Any) -> None:
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                      help="compute precision (part of the cache key); fp16/bf16 need torch on CUDA; auto never picks fp16")
     run.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
-    run.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(16, cores) on CUDA)")
+    run.add_argument("--workers", type=positive, help="local: decode threads (default: min(4, cores) on CPU, min(16, cores) "
+                     "on CUDA); ray: actors (default: the cluster's GPUs / --gpus-per-worker, or its CPUs / --cpus-per-worker)")
+    ray = p.add_argument_group("engine (docs/cluster.md)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="local: this process; ray: actors on a Ray cluster (pip install 'graft[ray]'), into the same cache")
+    ray.add_argument("--ray-address", metavar="ADDR", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+                     "(default: $RAY_ADDRESS, else a local one-machine cluster for the run)")
+    ray.add_argument("--gpus-per-worker", type=non_negative_float, metavar="G",
+                     help="GPUs each Ray actor reserves (default: 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--cpus-per-worker", type=positive_float, metavar="C",
+                     help="CPUs each Ray actor reserves, also its decode and inference threads "
+                     "(default: 1; GPU actors: the cluster's CPUs per GPU)")
     out = p.add_argument_group("cache")
     out.add_argument("--cache", metavar="DIR", help="model cache folder (default: artifacts/cache/<model name>)")
     out.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype")
@@ -87,7 +98,8 @@ def run_extract(args: argparse.Namespace) -> int:
                 args.model, blobs, records, cache=args.cache, preprocess=overrides, backend=args.backend, device=args.device,
                 precision=args.precision, batch_size=args.batch_size, workers=args.workers, dtype=args.dtype, l2=args.l2,
                 shard_size=args.shard_size, progress=not args.no_progress, dataset=args.dataset,
-                stat_memo=not args.rehash,
+                stat_memo=not args.rehash, engine=args.engine, ray_address=args.ray_address,
+                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
             )
         finally:
             signal.signal(signal.SIGTERM, old)
