@@ -634,9 +634,12 @@ class _ShaIndex:
         every = np.concatenate(shas) if shas else np.empty(0, object)
         shard = np.repeat(np.arange(len(shas), dtype=np.int32), [len(a) for a in shas])
         row = np.concatenate([np.arange(len(a), dtype=np.int64) for a in shas]) if shas else np.empty(0, np.int64)
-        first = ~pd.Index(every).duplicated(keep="first")  # a duplicate (two racing writers) is read once
-        self.index = pd.Index(every[first])
-        self.shard, self.row = shard[first], row[first]
+        self.index = pd.Index(every, dtype=object, copy=False)
+        del shas, every
+        if not self.index.is_unique:  # a duplicate (two racing writers) is read once, from its first shard
+            first = ~self.index.duplicated(keep="first")
+            self.index, shard, row = self.index[first], shard[first], row[first]
+        self.shard, self.row = shard, row
         self.dim, self.dtype = 0, np.dtype(np.float32)
         if self.files:
             head = np.load(self.files[0], mmap_mode="r")
