@@ -255,3 +255,69 @@ def test_memory_stays_bounded(big_key):
     assert seen["rows"] == ROWS and np.isclose(seen["sum"], float(X[:, 0].sum(dtype=np.float64)), rtol=1e-4)
     assert loaded >= 0.95 * full, f"load_embeddings peaked at {loaded / 1e6:.1f} MB: the test does not measure"
     assert streamed < 0.25 * full, f"iter_embeddings peaked at {streamed / 1e6:.1f} MB of {full / 1e6:.1f} MB"
+
+
+# --------------------------------------------------------------------------------------------
+# fit-head's memory guard
+
+
+def _fit_head(world, out: Path, capsys) -> tuple[int, str]:
+    import cli
+
+    capsys.readouterr()
+    rc = cli.main(["fit-head", "--cache", str(world["cache"]), "--layer", "conv5", "--dataset", "train", "--label-column",
+                   "label", "--kind", "classification", "--head", "logreg", "--cv", "3", "--no-learning-curve",
+                   "--no-plots", "--quiet", "--out", str(out)])
+    return rc, capsys.readouterr().err
+
+
+@needs_testbed
+def test_fit_head_refuses_more_rows_than_memory(world, tmp_path, monkeypatch, capsys):
+    from heads.memory import FIT_COPIES
+
+    monkeypatch.setenv("GRAFT_MEMORY_LIMIT", "64K")
+    rc, err = _fit_head(world, tmp_path / "head", capsys)
+    lines = err.strip("\n").splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    need = 24 * 256 * 4 * FIT_COPIES / 1024
+    for needle in ("24 rows", "256 dims", f"{need:.1f} KiB", "64.0 KiB", "GRAFT_MEMORY_LIMIT", "iter_embeddings"):
+        assert needle in lines[0], (needle, lines[0])
+    assert not (tmp_path / "head").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("head")]  # no temp folder left either
+
+
+@needs_testbed
+@pytest.mark.parametrize("limit", [None, "2G"])
+def test_fit_head_of_normal_size_is_unaffected(world, tmp_path, monkeypatch, capsys, limit):
+    if limit is None:
+        monkeypatch.delenv("GRAFT_MEMORY_LIMIT", raising=False)
+    else:
+        monkeypatch.setenv("GRAFT_MEMORY_LIMIT", limit)
+    rc, err = _fit_head(world, tmp_path / "head", capsys)
+    assert rc == 0, err
+    assert (tmp_path / "head" / "card.json").exists()
+
+
+@needs_testbed
+def test_bad_memory_limit_is_one_line(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRAFT_MEMORY_LIMIT", "lots")
+    rc, err = _fit_head(world, tmp_path / "head", capsys)
+    assert rc == 2 and err.count("\n") == 1 and "GRAFT_MEMORY_LIMIT='lots'" in err, err
+
+
+@pytest.mark.parametrize(("text", "value"), [("123", 123), ("512M", 512 * 2**20), ("2G", 2 * 2**30), ("1.5GiB", 3 * 2**29),
+                                             ("64k", 65536), (" 10 MB ", 10 * 2**20)])
+def test_parse_bytes(text, value):
+    from heads.memory import parse_bytes
+
+    assert parse_bytes(text) == value
+
+
+def test_available_memory_is_the_os_figure_without_the_variable(monkeypatch):
+    from heads.memory import available_memory
+
+    monkeypatch.delenv("GRAFT_MEMORY_LIMIT", raising=False)
+    avail = available_memory()
+    assert avail is None or avail > 0
+    monkeypatch.setenv("GRAFT_MEMORY_LIMIT", "3G")
+    assert available_memory() == 3 * 2**30
