@@ -598,7 +598,7 @@ def iter_embeddings(
 
     The same key, dataset and rows in the same order: ``pd.concat`` of the ``meta`` chunks (each
     indexed by its global row numbers) is load_embeddings' ``meta``, ``np.concatenate`` of the
-    ``X`` chunks its ``X``. Memory holds the content-hash index of the shards (about 100 bytes a
+    ``X`` chunks its ``X``. Memory holds the content-hash index of the shards (about 200 bytes a
     row) plus one chunk: the dataset is read in parquet batches, each chunk's rows gathered from
     memory-mapped shards. Errors about the key or dataset are raised here, not on the first chunk.
     """
