@@ -28,7 +28,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -445,7 +445,7 @@ def _describe(m: Mapping[str, Any]) -> str:
     )
 
 
-def load_embeddings(
+def choose_key(
     name_or_dir: str | os.PathLike,
     layer: str | None = None,
     *,
@@ -455,21 +455,9 @@ def load_embeddings(
     key: str | None = None,
     dataset: str | None = None,
     cache_root: str | os.PathLike | None = None,
-    mmap: bool = True,
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """Embeddings of one blob and their rows: ``X`` (N, D) and ``meta`` (path, sha256, labels).
-
-    ``name_or_dir`` is a model name (looked up under ``artifacts/cache/``), a ``--cache`` folder,
-    or one key folder. When several keys hold ``layer`` (two preprocessings, dtypes, ...), choose
-    with ``dtype=``, ``l2=``, ``precision=`` or ``key=``; otherwise the error lists them.
-
-    ``dataset`` names what one extract read (default: the key's most recently extracted dataset;
-    ``meta.attrs["dataset"]`` says which). One row per path of the dataset: an image present
-    under two paths (two labels) appears twice.
-    ``X`` is a read-only memory map when the rows are exactly one shard in order; otherwise a
-    gathered in-memory array. Indexed paths without embeddings (an interrupted or failed run)
-    are left out with a warning.
-    """
+) -> tuple[Path, str]:
+    """The one key folder holding ``layer`` (and the layer, when the cache holds only one blob):
+    every reader chooses the same way, and raises the same :class:`CacheError` when it cannot."""
     keys = list_keys(name_or_dir, cache_root)
     if not keys:
         raise CacheError(f"no cache keys under {_resolve_model_dir(name_or_dir, cache_root)}")
@@ -496,7 +484,37 @@ def load_embeddings(
         listed = "; ".join(_describe(m) for m in [m for m in keys if layer in m.get("blobs", {})])
         what = "no cache key matches" if not cands else f"{len(cands)} cache keys hold layer {layer!r}"
         raise CacheError(f"{what}; choose with key=/dtype=/l2=/precision=: {listed}")
-    return read_key(Path(cands[0]["_dir"]), layer, mmap=mmap, dataset=dataset)
+    return Path(cands[0]["_dir"]), layer
+
+
+def load_embeddings(
+    name_or_dir: str | os.PathLike,
+    layer: str | None = None,
+    *,
+    dtype: str | None = None,
+    l2: bool | None = None,
+    precision: str | None = None,
+    key: str | None = None,
+    dataset: str | None = None,
+    cache_root: str | os.PathLike | None = None,
+    mmap: bool = True,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Embeddings of one blob and their rows: ``X`` (N, D) and ``meta`` (path, sha256, labels).
+
+    ``name_or_dir`` is a model name (looked up under ``artifacts/cache/``), a ``--cache`` folder,
+    or one key folder. When several keys hold ``layer`` (two preprocessings, dtypes, ...), choose
+    with ``dtype=``, ``l2=``, ``precision=`` or ``key=``; otherwise the error lists them.
+
+    ``dataset`` names what one extract read (default: the key's most recently extracted dataset;
+    ``meta.attrs["dataset"]`` says which). One row per path of the dataset: an image present
+    under two paths (two labels) appears twice.
+    ``X`` is a read-only memory map when the rows are exactly one shard in order; otherwise a
+    gathered in-memory array. Indexed paths without embeddings (an interrupted or failed run)
+    are left out with a warning.
+    """
+    key_dir, layer = choose_key(name_or_dir, layer, dtype=dtype, l2=l2, precision=precision, key=key, dataset=dataset,
+                                cache_root=cache_root)
+    return read_key(key_dir, layer, mmap=mmap, dataset=dataset)
 
 
 def _blob_store(key_dir: Path, blob: str, mmap: bool = True) -> tuple[list[dict], list[np.ndarray], dict[str, tuple[int, int]]]:
@@ -510,6 +528,12 @@ def _blob_store(key_dir: Path, blob: str, mmap: bool = True) -> tuple[list[dict]
         for ri, sha in enumerate(pq.read_table(key_dir / s["meta"], columns=["sha256"]).column(0).to_pylist()):
             where.setdefault(sha, (si, ri))  # a duplicate (two racing writers) is read once
     return shards, arrays, where
+
+
+def _warn_missing(key_dir: Path, n: int, dataset: str | None, blob: str, stacklevel: int) -> None:
+    """One warning, the same from every reader, for dataset rows without an embedding."""
+    warnings.warn(f"{key_dir}: {n} image(s) of dataset {dataset!r} have no {blob!r} embedding yet (interrupted or failed run); left out",
+                  stacklevel=stacklevel + 1)
 
 
 def read_rows(key_dir: Path, blob: str, shas: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -534,7 +558,7 @@ def read_key(key_dir: Path, blob: str, mmap: bool = True, dataset: str | None = 
         meta = meta.drop_duplicates("sha256")[["path", "sha256"]]
     have = meta["sha256"].isin(where.keys())
     if not have.all():
-        warnings.warn(f"{key_dir}: {int((~have).sum())} image(s) of dataset {name!r} have no {blob!r} embedding yet (interrupted or failed run); left out", stacklevel=2)
+        _warn_missing(key_dir, int((~have).sum()), name, blob, stacklevel=2)
         meta = meta[have]
     meta = meta.reset_index(drop=True)
     meta.attrs["dataset"] = name
@@ -552,3 +576,198 @@ def read_key(key_dir: Path, blob: str, mmap: bool = True, dataset: str | None = 
             if len(sel):
                 X[sel] = arr[ri[sel]]
     return X, meta
+
+
+# --------------------------------------------------------------------------------------------
+# streaming reader: caches larger than memory
+
+
+def iter_embeddings(
+    name_or_dir: str | os.PathLike,
+    layer: str | None = None,
+    *,
+    batch_size: int = 65536,
+    dtype: str | None = None,
+    l2: bool | None = None,
+    precision: str | None = None,
+    key: str | None = None,
+    dataset: str | None = None,
+    cache_root: str | os.PathLike | None = None,
+) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    """:func:`load_embeddings` in chunks of at most ``batch_size`` rows, for caches larger than memory.
+
+    The same key, dataset and rows in the same order: ``pd.concat`` of the ``meta`` chunks (each
+    indexed by its global row numbers) is load_embeddings' ``meta``, ``np.concatenate`` of the
+    ``X`` chunks its ``X``. Memory holds the content-hash index of the shards (about 200 bytes a
+    row) plus one chunk: the dataset is read in parquet batches, each chunk's rows gathered from
+    memory-mapped shards. Errors about the key or dataset are raised here, not on the first chunk.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    key_dir, layer = choose_key(name_or_dir, layer, dtype=dtype, l2=l2, precision=precision, key=key, dataset=dataset,
+                                cache_root=cache_root)
+    name = choose_dataset(key_dir, dataset)
+    index = _ShaIndex(key_dir, layer)
+    if name is None:
+        pieces = index.first_seen_pieces(batch_size)
+    else:
+        path = key_dir / list_datasets(key_dir)[name]["file"]
+        missing = index.count_missing(path, batch_size)
+        if missing:
+            _warn_missing(key_dir, missing, name, layer, stacklevel=2)
+        pieces = index.dataset_pieces(path, batch_size)
+    return _chunks(index, pieces, int(batch_size), name)
+
+
+class _ShaIndex:
+    """Where each content hash's row of one blob is: a pandas Index over the shards' sha256
+    (first occurrence kept, as :func:`_blob_store`) and parallel shard / row arrays, so a chunk
+    is located with one vectorised ``get_indexer`` instead of a dict lookup per row."""
+
+    def __init__(self, key_dir: Path, blob: str) -> None:
+        self.dir = key_dir
+        stem = blob_file_stem(blob)
+        self.shards = [s for s in scan_shards(key_dir) if stem in s["emb"]]
+        self.files = [key_dir / s["emb"][stem] for s in self.shards]
+        shas = [pq.read_table(key_dir / s["meta"], columns=["sha256"]).column(0).to_numpy(zero_copy_only=False)
+                for s in self.shards]
+        every = np.concatenate(shas) if shas else np.empty(0, object)
+        shard = np.repeat(np.arange(len(shas), dtype=np.int32), [len(a) for a in shas])
+        row = np.concatenate([np.arange(len(a), dtype=np.int64) for a in shas]) if shas else np.empty(0, np.int64)
+        self.index = pd.Index(every, dtype=object, copy=False)
+        del shas, every
+        if not self.index.is_unique:  # a duplicate (two racing writers) is read once, from its first shard
+            first = ~self.index.duplicated(keep="first")
+            self.index, shard, row = self.index[first], shard[first], row[first]
+        self.shard, self.row = shard, row
+        self.dim, self.dtype = 0, np.dtype(np.float32)
+        if self.files:
+            head = np.load(self.files[0], mmap_mode="r")
+            self.dim, self.dtype = int(head.shape[1]), head.dtype
+
+    def locate(self, shas: pd.Series | np.ndarray) -> np.ndarray:
+        """Position in the index of each hash; -1 where the blob has no row for it."""
+        return self.index.get_indexer(pd.Index(shas, dtype=object)) if len(self.index) else np.full(len(shas), -1, np.int64)
+
+    def count_missing(self, dataset_file: Path, batch_size: int) -> int:
+        """Dataset rows without an embedding, read one sha256 batch at a time (for the warning up front)."""
+        pf = pq.ParquetFile(dataset_file)
+        return sum(int((self.locate(b.column(0).to_numpy(zero_copy_only=False)) < 0).sum())
+                   for b in pf.iter_batches(batch_size=batch_size, columns=["sha256"]))
+
+    def dataset_pieces(self, dataset_file: Path, batch_size: int) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+        """(meta rows, index positions) of a dataset's rows that have an embedding, in file order."""
+        pf = pq.ParquetFile(dataset_file)
+        for batch in pf.iter_batches(batch_size=batch_size):
+            meta = _frame(batch, pf.schema_arrow)
+            pos = self.locate(meta["sha256"].to_numpy(dtype=object))
+            keep = pos >= 0
+            yield (meta if keep.all() else meta[keep]), pos[keep]
+
+    def first_seen_pieces(self, batch_size: int) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+        """No dataset yet: one row per cached image (path as first seen), shard by shard, as
+        :func:`read_key` builds it from the concatenated shard metas."""
+        for si, s in enumerate(self.shards):
+            pf = pq.ParquetFile(self.dir / s["meta"])
+            start = 0
+            for batch in pf.iter_batches(batch_size=batch_size):
+                meta = _frame(batch, pf.schema_arrow)
+                pos = self.locate(meta["sha256"].to_numpy(dtype=object))
+                rows = np.arange(start, start + len(meta))
+                start += len(meta)
+                first = (pos >= 0) & (self.shard[pos] == si) & (self.row[pos] == rows)
+                yield meta[first][["path", "sha256"]], pos[first]
+
+    def gather(self, pos: np.ndarray) -> np.ndarray:
+        """The embeddings at index positions ``pos`` (an in-memory array), each shard's rows read
+        in sorted order from its memory map."""
+        X = np.empty((len(pos), self.dim), self.dtype)
+        if not len(pos):
+            return X
+        shard, row = self.shard[pos], self.row[pos]
+        order = np.lexsort((row, shard))
+        for sel in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1):
+            arr = np.load(self.files[shard[sel[0]]], mmap_mode="r")
+            X[sel] = arr[row[sel]]
+            del arr
+        return X
+
+
+def _frame(batch: pa.RecordBatch, schema: pa.Schema) -> pd.DataFrame:
+    """A parquet batch as ``pd.read_parquet`` would convert it (the file's pandas metadata kept)."""
+    return pa.Table.from_batches([batch]).replace_schema_metadata(schema.metadata).to_pandas()
+
+
+def _chunks(index: _ShaIndex, pieces: Iterator[tuple[pd.DataFrame, np.ndarray]], batch_size: int,
+            name: str | None) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    """Re-cut pieces of any length into chunks of exactly ``batch_size`` rows (the last may be
+    shorter), index them by global row number and gather their embeddings."""
+    buf: list[tuple[pd.DataFrame, np.ndarray]] = []
+    held, start = 0, 0
+    for meta, pos in pieces:
+        if len(meta):
+            buf.append((meta, pos))
+            held += len(meta)
+        while held >= batch_size:
+            out, buf, held = _take(buf, batch_size), _rest(buf, batch_size), held - batch_size
+            yield _chunk(index, out, start, name)
+            start += batch_size
+    if held:
+        yield _chunk(index, buf, start, name)
+
+
+def _take(buf: list[tuple[pd.DataFrame, np.ndarray]], n: int) -> list[tuple[pd.DataFrame, np.ndarray]]:
+    """The first ``n`` rows of the buffered pieces."""
+    out, got = [], 0
+    for meta, pos in buf:
+        k = min(n - got, len(meta))
+        out.append((meta.iloc[:k], pos[:k]))
+        got += k
+        if got == n:
+            break
+    return out
+
+
+def _rest(buf: list[tuple[pd.DataFrame, np.ndarray]], n: int) -> list[tuple[pd.DataFrame, np.ndarray]]:
+    """The buffered pieces after their first ``n`` rows."""
+    out, skip = [], n
+    for meta, pos in buf:
+        if skip >= len(meta):
+            skip -= len(meta)
+            continue
+        out.append((meta.iloc[skip:], pos[skip:]))
+        skip = 0
+    return out
+
+
+def _chunk(index: _ShaIndex, parts: list[tuple[pd.DataFrame, np.ndarray]], start: int,
+           name: str | None) -> tuple[np.ndarray, pd.DataFrame]:
+    """One ``(X, meta)`` chunk: meta rows numbered from ``start``, their embeddings gathered."""
+    meta = pd.concat([m for m, _ in parts]) if len(parts) > 1 else parts[0][0].copy()
+    meta.index = pd.RangeIndex(start, start + len(meta))
+    meta.attrs["dataset"] = name
+    return index.gather(np.concatenate([p for _, p in parts])), meta
+
+
+def embedding_shape(
+    name_or_dir: str | os.PathLike,
+    layer: str | None = None,
+    *,
+    dtype: str | None = None,
+    l2: bool | None = None,
+    precision: str | None = None,
+    key: str | None = None,
+    dataset: str | None = None,
+    cache_root: str | os.PathLike | None = None,
+) -> tuple[int, int]:
+    """(rows, dim) that :func:`load_embeddings` would return at most, from file headers alone
+    (dataset row count, .npy shapes): a memory check made before anything is read."""
+    key_dir, layer = choose_key(name_or_dir, layer, dtype=dtype, l2=l2, precision=precision, key=key, dataset=dataset,
+                                cache_root=cache_root)
+    stem = blob_file_stem(layer)
+    shards = [s for s in scan_shards(key_dir) if stem in s["emb"]]
+    shape = _npy_rows(key_dir / shards[0]["emb"][stem]) if shards else None
+    dim = int(shape[1]) if shape else 0
+    name = choose_dataset(key_dir, dataset)
+    rows = list_datasets(key_dir)[name]["rows"] if name is not None else sum(s["rows"] for s in shards)
+    return int(rows), dim

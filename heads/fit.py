@@ -25,6 +25,7 @@ from convert.errors import GraftError
 from convert.paths import heads_root
 from heads.estimators import CLASSIFIER_HEADS, REGRESSOR_HEADS
 from heads.evaluate import evaluate, learning_curve
+from heads.memory import check_fit_memory
 from heads.persist import AtomicDir, library_versions, now, save_estimator
 from heads.report import write_report
 from heads.search import fit_best, search
@@ -277,13 +278,17 @@ def fit_head_from_cache(
     **kwargs: Any,
 ) -> FitResult:
     """Load extract's cache of ``layer`` (``cache`` folder, else the model's default cache), join
-    ``labels`` if given, and :func:`fit_head`."""
+    ``labels`` if given, and :func:`fit_head`; refused up front (GraftError) when the fit's memory
+    estimate exceeds what is available (``heads.memory``)."""
     from extract import load_embeddings
+    from extract.cache import embedding_shape
 
     if cache is None and model is None:
         raise GraftError("give --model (its default cache) or --cache DIR")
     source = cache if cache is not None else default_cache_of(model)
     try:
+        rows, dim = embedding_shape(source, layer, key=cache_key, dataset=dataset)
+        check_fit_memory(rows, dim)  # from shapes, before a row is read: a memory map would hide the cost
         X, meta = load_embeddings(source, layer, key=cache_key, dataset=dataset)
     except ValueError as err:  # extract's CacheError is a ValueError
         raise GraftError(str(err)) from err
