@@ -105,12 +105,14 @@ def model_only(net, batch: np.ndarray, seconds: float) -> float:
 
 
 def main() -> None:
+    from convert.cli_common import device
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--package", type=Path, help="model package (default: the generated VGG-Face package)")
     ap.add_argument("--blob", default="fc7")
     ap.add_argument("--n", type=int, default=20000, help="distinct JPEG files end to end")
     ap.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--device", default="cuda", type=device, help="cpu, cuda or cuda:N")
     ap.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"))
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, help="decode threads (default: graft's for the device)")
@@ -120,7 +122,7 @@ def main() -> None:
     import pandas as pd
 
     from convert import load_package
-    from extract.backends import default_workers, make_backend
+    from extract.backends import default_workers, device_kind, make_backend, parse_device
     from extract.cache import CacheWriter, cache_key
     from extract.pipeline import cache_config, resolve_preprocess, run_pipeline
 
@@ -130,7 +132,7 @@ def main() -> None:
     workers = args.workers or default_workers(args.device)
     files = distinct_jpegs(args.n, max(4, os.cpu_count() or 1))
     net = make_backend(pkg, [args.blob], backend=args.backend, device=args.device, precision=args.precision, preprocess=pp)
-    u8 = bool(getattr(net, "takes_uint8", False)) and args.device == "cuda"  # what run_pipeline ships there
+    u8 = bool(getattr(net, "takes_uint8", False)) and device_kind(args.device) == "cuda"  # what run_pipeline ships there
     load = pp.load_uint8 if u8 else pp.load
     batch = np.stack([load(f) for f in files[: args.batch_size]] * (args.batch_size // min(args.batch_size, len(files))))
     batch = batch[: args.batch_size]
@@ -146,10 +148,10 @@ def main() -> None:
         raise SystemExit(f"pipeline computed {summary.computed} of {len(files)} ({summary.failed} failed)")
     e2e = len(files) / e2e_s
     device = platform.processor() or platform.machine()
-    if args.device == "cuda":
+    if device_kind(args.device) == "cuda":
         import torch
 
-        device = torch.cuda.get_device_name(0)
+        device = torch.cuda.get_device_name(parse_device(args.device)[1])
     result = {
         "device": device, "cpu_cores": os.cpu_count(), "package": pkg.manifest["name"], "blob": args.blob,
         "input": pkg.input_shape, "backend": net.name, "precision": net.precision, "batch_size": args.batch_size,

@@ -143,6 +143,18 @@ def mean(text: str) -> list[float]:
     return vals * 3 if len(vals) == 1 else vals
 
 
+def device(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N, checked by ``extract.backends.parse_device`` (the
+    one parser; imported here only when a command line is parsed, never for ``--help``)."""
+    from extract.backends import BackendError, parse_device
+
+    try:
+        kind, index = parse_device(text)
+    except BackendError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (N a GPU index: 0, 1, ...), got {text!r}") from None
+    return kind if index is None else f"{kind}:{index}"
+
+
 def sigterm_as_interrupt(signum: int, frame: Any) -> None:
     """Install for SIGTERM so a scheduler's kill unwinds like Ctrl-C: buffered work is flushed."""
     raise KeyboardInterrupt

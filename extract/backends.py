@@ -5,11 +5,14 @@
 - torch: ``convert.load_torch``; on CUDA with channels_last and fp16/bf16 autocast, on CPU fp32.
 
 ``--device auto`` picks the fastest present: torch on CUDA (fp16 autocast) when a GPU is visible,
-else onnxruntime on CPU (measured faster than torch CPU: docs/benchmarks.md).
+else onnxruntime on CPU (measured faster than torch CPU: docs/benchmarks.md). ``--device cuda:N``
+runs on GPU N (``cuda`` alone: torch's current device, normally 0); the index never enters the
+cache key, which (like the CPU/GPU choice) names what is computed, not where.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -28,13 +31,40 @@ class BackendError(ValueError):
 class Backend(Protocol):
     """What the pipeline needs from an inference engine."""
 
-    name: str  # e.g. "onnxruntime-cpu", "torch-cuda"
-    device: str  # "cpu" or "cuda"
+    name: str  # e.g. "onnxruntime-cpu", "torch-cuda", "torch-cuda:1"
+    device: str  # "cpu", "cuda" or "cuda:N" (see device_kind)
     precision: str  # "fp32", "fp16", "bf16": part of the cache key
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (N, C, H, W) -> {blob: float32 array with N rows}."""
         ...
+
+
+def parse_device(text: str) -> tuple[str, int | None]:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> (kind, index or None): the one parser every
+    ``--device`` goes through, so a typo is refused before any library loads."""
+    kind, sep, index = str(text).strip().partition(":")
+    if not sep and kind in DEVICES:
+        return kind, None
+    if kind == "cuda" and index.isdigit() and index.isascii():
+        return "cuda", int(index)
+    raise BackendError(f"--device {text}: expected auto, cpu, cuda or cuda:N (N a GPU index: 0, 1, ...)")
+
+
+def device_kind(device: str) -> str:
+    """``cuda:1`` -> ``cuda``: what every "is this a GPU run" check compares."""
+    return parse_device(device)[0]
+
+
+def _on_device(device: str) -> contextlib.AbstractContextManager:
+    """torch's current CUDA device set to ``device``'s for the block (events, streams, pinned
+    buffers and bf16 support then concern that GPU); a no-op for CPU or a bare ``cuda``."""
+    kind, index = parse_device(device)
+    if kind != "cuda" or index is None:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(index)
 
 
 def _no_nvidia_driver() -> bool:
@@ -64,12 +94,28 @@ def _ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _auto_cuda_precision() -> str:
-    """bf16 where the GPU computes it, else fp32; never fp16 by default: Caffe nets with LRN or
-    Normalize square activations that overflow fp16 (|x| > 256) into zeros and NaN."""
+def check_torch_cuda(device: str) -> None:
+    """One-line error unless torch can run on ``device`` (``cuda`` or ``cuda:N``)."""
+    if not _cuda_available():
+        raise BackendError(f"--device {device}: torch sees no CUDA device")
+    index = parse_device(device)[1]
+    if index is None:
+        return
     import torch
 
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    n = int(torch.cuda.device_count())
+    if index >= n:
+        seen = "1 CUDA device (0)" if n == 1 else f"{n} CUDA devices (0-{n - 1})"
+        raise BackendError(f"--device {device}: torch sees {seen}")
+
+
+def auto_cuda_precision(device: str = "cuda") -> str:
+    """bf16 where the GPU (``device``'s) computes it, else fp32; never fp16 by default: Caffe nets
+    with LRN or Normalize square activations that overflow fp16 (|x| > 256) into zeros and NaN."""
+    import torch
+
+    with _on_device(device):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
 
 
 def _ort_install_hint() -> str:
@@ -92,27 +138,40 @@ def _ort_install_hint() -> str:
 
 
 def resolve(backend: str = "auto", device: str = "auto", precision: str = "auto") -> tuple[str, str, str]:
-    """Turn ``auto`` choices into (backend, device, precision) that can run on this machine."""
-    if backend not in BACKENDS or device not in DEVICES or precision not in PRECISIONS:
-        raise BackendError(f"unknown backend/device/precision {backend!r}/{device!r}/{precision!r}")
-    if device == "auto":
+    """Turn ``auto`` choices into (backend, device, precision) that can run on this machine; the
+    device keeps its index (``cuda:1``), compare ``device_kind(device)`` to ask for CUDA."""
+    if backend not in BACKENDS or precision not in PRECISIONS:
+        raise BackendError(f"unknown backend/precision {backend!r}/{precision!r}")
+    kind, index = parse_device(device)
+    device = kind if index is None else f"cuda:{index}"  # " cuda:01" -> "cuda:1", the name runs report
+    if kind == "auto":
         if backend == "onnxruntime":
-            device = "cuda" if _ort_cuda_available() else "cpu"
+            kind = "cuda" if _ort_cuda_available() else "cpu"
         else:
-            device = "cuda" if _cuda_available() else "cpu"
+            kind = "cuda" if _cuda_available() else "cpu"
+        device = kind
     if backend == "auto":
-        backend = "torch" if device == "cuda" else "onnxruntime"
-    if device == "cuda":
-        if backend == "torch" and not _cuda_available():
-            raise BackendError("--device cuda: torch sees no CUDA device")
+        backend = "torch" if kind == "cuda" else "onnxruntime"
+    if kind == "cuda":
+        if backend == "torch":
+            check_torch_cuda(device)
         if backend == "onnxruntime" and not _ort_cuda_available():
-            raise BackendError(f"--device cuda --backend onnxruntime: CUDAExecutionProvider is not available{_ort_install_hint()}")
+            raise BackendError(f"--device {device} --backend onnxruntime: CUDAExecutionProvider is not available{_ort_install_hint()}")
     if precision == "auto":
-        precision = _auto_cuda_precision() if (device == "cuda" and backend == "torch") else "fp32"
+        precision = auto_cuda_precision(device) if (kind == "cuda" and backend == "torch") else "fp32"
     # bf16 autocast also runs on CPU (AMX/AVX-512 CPUs gain from it); fp16 only on CUDA
-    if precision != "fp32" and not (backend == "torch" and (device == "cuda" or precision == "bf16")):
+    if precision != "fp32" and not (backend == "torch" and (kind == "cuda" or precision == "bf16")):
         raise BackendError(f"--precision {precision} needs --backend torch on CUDA (or bf16 on CPU); use fp32 here")
     return backend, device, precision
+
+
+def _ort_providers(device: str) -> list[Any]:
+    """onnxruntime's provider list: CUDA on ``device``'s GPU (``device_id``) with CPU fallback."""
+    kind, index = parse_device(device)
+    if kind != "cuda":
+        return ["CPUExecutionProvider"]
+    cuda: Any = "CUDAExecutionProvider" if index is None else ("CUDAExecutionProvider", {"device_id": index})
+    return [cuda, "CPUExecutionProvider"]
 
 
 class OrtBackend:
@@ -130,15 +189,15 @@ class OrtBackend:
             opts.intra_op_num_threads = threads
         # Busy-waiting intra-op threads would steal the cores the decode workers need.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(pkg.onnx_path_for(self.blobs)), opts, providers=providers)
+        self.session = self._session(ort, str(pkg.onnx_path_for(self.blobs)), opts)
         # onnxruntime falls back to CPU without a word when the CUDA libraries do not load: the
         # provider it actually uses is what the run (and the cache manifest) reports
         self.provider = self.session.get_providers()[0]
-        if device == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise BackendError(f"--device cuda: onnxruntime runs on {self.provider}, not CUDA (its CUDA provider did not "
+        on_cuda = device_kind(device) == "cuda"
+        if on_cuda and self.provider != "CUDAExecutionProvider":
+            raise BackendError(f"--device {device}: onnxruntime runs on {self.provider}, not CUDA (its CUDA provider did not "
                                f"load{_ort_install_hint()}); use --device cpu, or --backend torch")
-        self.name = "onnxruntime-cuda" if self.provider == "CUDAExecutionProvider" else "onnxruntime-cpu"
+        self.name = f"onnxruntime-{device}" if on_cuda else "onnxruntime-cpu"
         self.input_name = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
         if set(self.blobs) <= set(names):
@@ -148,6 +207,18 @@ class OrtBackend:
         else:
             raise BackendError(f"ONNX graph outputs {names} do not match requested blobs {self.blobs}")
 
+    def _session(self, ort: Any, path: str, opts: Any) -> Any:
+        """The session on ``self.device``; a GPU index onnxruntime cannot open is a one-line error
+        (it has no device count to check against beforehand)."""
+        try:
+            return ort.InferenceSession(path, opts, providers=_ort_providers(self.device))
+        except Exception as err:
+            said = str(err).lower()
+            if parse_device(self.device)[1] is None or not any(w in said for w in ("ordinal", "device", "cuda")):
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise BackendError(f"--device {self.device}: onnxruntime could not open that GPU: {first}") from err
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         return {b: np.asarray(o, dtype=np.float32) for b, o in zip(self.blobs, outs)}
@@ -155,7 +226,7 @@ class OrtBackend:
 
 class DeviceNormalize:
     """The float part of preprocessing (mean, mean image, scale, NHWC -> NCHW, transpose) as torch
-    ops on the device, so a GPU run ships uint8 images: 4x fewer bytes over PCIe than float32,
+    ops on the device (``cpu``, ``cuda`` or ``cuda:N``), so a GPU run ships uint8 images: 4x fewer bytes over PCIe than float32,
     and no float work left to the decode threads. Elementwise the same float32 operations as
     ``Preprocess.normalize``, so the results are bit-identical to the host path."""
 
@@ -208,13 +279,15 @@ class TorchBackend:
         self.torch = torch
         self.blobs = list(blobs)
         self.device = device
+        self.on_cuda = device_kind(device) == "cuda"
         self.precision = precision
         self.name = f"torch-{device}"
-        if threads and device == "cpu":
+        if threads and not self.on_cuda:
             torch.set_num_threads(threads)
         net = load_torch(pkg).eval()
-        if device == "cuda":
-            net = net.to("cuda", memory_format=torch.channels_last)
+        if self.on_cuda:
+            with _on_device(device):
+                net = net.to(device, memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.net = net
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
@@ -230,7 +303,7 @@ class TorchBackend:
         """Host array -> device tensor; on CUDA through a reused pinned buffer, asynchronously."""
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(batch))
-        if self.device != "cuda":
+        if not self.on_cuda:
             return x
         i = self._turn % self.IN_FLIGHT
         self._turn += 1
@@ -240,26 +313,27 @@ class TorchBackend:
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
             buf = self._pinned[i] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         buf.copy_(x)
-        return buf.to("cuda", non_blocking=True)
+        return buf.to(self.device, non_blocking=True)
 
     def submit(self, batch: np.ndarray, reduced: bool = True) -> Callable[[], dict[str, np.ndarray]]:
         """Start ``batch`` (float32 NCHW, or uint8 NHWC when the backend normalises); returns the
-        call that waits for its blobs. On CUDA the GPU is still busy when this returns."""
+        call that waits for its blobs. On CUDA the GPU is still busy when this returns. Runs with
+        the backend's GPU current, so the copies and the event are on its stream, not GPU 0's."""
         torch = self.torch
         dtype = self.autocast_dtype if reduced else None
-        with torch.inference_mode():
+        with torch.inference_mode(), _on_device(self.device):
             if batch.dtype == np.uint8:
                 if self.normalize is None:
                     raise BackendError("uint8 batches need the backend built with the preprocessing")
                 x = self.normalize(self._to_device(batch))
             else:
                 x = self._to_device(np.asarray(batch, dtype=np.float32))
-            if self.device == "cuda":
+            if self.on_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.autocast(device_kind(self.device), dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = self.net(x, blobs=self.blobs)
             outs = {b: out[b].float() for b in self.blobs}
-            if self.device == "cuda":
+            if self.on_cuda:
                 outs = {b: t.to("cpu", non_blocking=True) for b, t in outs.items()}
                 done = torch.cuda.Event()
                 done.record()
@@ -339,7 +413,7 @@ def submit(backend: Any, batch: np.ndarray) -> Callable[[], dict[str, np.ndarray
 
 def default_batch_size(device: str) -> int:
     """Big enough to amortise per-call overhead; on CPU larger batches barely help."""
-    return 64 if device == "cuda" else 8
+    return 64 if device_kind(device) == "cuda" else 8
 
 
 def default_workers(device: str) -> int:
@@ -347,4 +421,4 @@ def default_workers(device: str) -> int:
     fight the inference threads for little gain; feeding a GPU thousands of images a second
     takes every core there is, up to 16."""
     n = os.cpu_count() or 1
-    return max(2, min(16, n)) if device == "cuda" else max(1, min(4, n))
+    return max(2, min(16, n)) if device_kind(device) == "cuda" else max(1, min(4, n))

@@ -6,7 +6,7 @@ import argparse
 import signal
 from typing import Any
 
-from convert.cli_common import mean, non_negative_float, positive, positive_float, sigterm_as_interrupt, size
+from convert.cli_common import device, mean, non_negative_float, positive, positive_float, sigterm_as_interrupt, size
 
 #: extract.preprocess's RESIZE_MODES and RESIZE_FILTERS keys, named here so ``--help`` imports neither cv2 nor PIL
 #: (a test keeps them equal)
@@ -47,8 +47,9 @@ def register(subparsers: Any) -> None:
                     help="decode big JPEGs at 1/2, 1/4 or 1/8 scale (still >= the resize size): faster on CPU, not Caffe-exact")
     run = p.add_argument_group("running")
     run.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto: torch+CUDA (bf16 autocast where the GPU has it, else fp32) when a GPU is visible, else onnxruntime on CPU")
+    run.add_argument("--device", type=device, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                     help="auto: torch+CUDA (bf16 autocast where the GPU has it, else fp32) when a GPU is visible, else "
+                     "onnxruntime on CPU; cuda:N: GPU N (not part of the cache key)")
     run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                      help="compute precision (part of the cache key); fp16/bf16 need torch on CUDA; auto never picks fp16")
     run.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from convert.package import sha256_file
-from extract.backends import submit
+from extract.backends import device_kind, submit
 from extract.cache import CacheWriter
 from extract.preprocess import ImageError, Preprocess
 from extract.statmemo import StatMemo
@@ -210,7 +210,7 @@ def _ships_uint8(backend: Any, device_preprocess: bool | None) -> bool:
     """Whether workers hand the backend uint8 pixels (it normalises them on its device)."""
     able = bool(getattr(backend, "takes_uint8", False))
     if device_preprocess is None:
-        return able and getattr(backend, "device", "cpu") == "cuda"
+        return able and device_kind(getattr(backend, "device", "cpu")) == "cuda"
     if device_preprocess and not able:
         raise ValueError(f"backend {getattr(backend, 'name', backend)!r} cannot normalise uint8 batches itself")
     return bool(device_preprocess)

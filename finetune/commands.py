@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from convert.cli_common import (
+    device,
     fraction,
     non_negative,
     non_negative_float,
@@ -73,7 +74,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--batch-size", type=positive, default=32, help="images per iteration (default 32)")
     r.add_argument("--mirror", action="store_true", help="random horizontal flips (Caffe's mirror: true)")
     r.add_argument("--seed", type=non_negative, help="split, initialisation, order, augmentation, dropout (default: solver random_seed, else 0)")
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when visible")
+    r.add_argument("--device", type=device, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="auto: CUDA when visible; cuda:N: GPU N")
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
     r.add_argument("--workers", type=non_negative, help="image decode threads (default min(4, cores); 0 decodes inline)")
     r.add_argument("--threads", type=positive, help="torch CPU threads (default: the cores this process may use)")

@@ -60,15 +60,20 @@ class FinetuneResult:
 
 
 def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """CUDA when present (bf16 autocast by default there), else CPU in float32."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GraftError("--device cuda: no CUDA device visible to torch")
-    if device not in ("cpu", "cuda"):
-        raise GraftError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    """CUDA when present (bf16 autocast by default there), else CPU in float32; ``cuda:N`` trains
+    on GPU N, parsed and checked as extract's ``--device`` is."""
+    from extract.backends import BackendError, auto_cuda_precision, check_torch_cuda, parse_device
+
+    try:
+        kind = parse_device(device)[0]
+        if kind == "auto":
+            kind = device = "cuda" if torch.cuda.is_available() else "cpu"
+        if kind == "cuda":
+            check_torch_cuda(device)
+        if precision == "auto":
+            precision = auto_cuda_precision(device) if kind == "cuda" else "fp32"
+    except BackendError as err:
+        raise GraftError(str(err)) from None
     if precision not in ("fp32", "bf16"):
         raise GraftError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     return Runtime(device=torch.device(device), precision=precision)
@@ -123,7 +128,7 @@ def restore(state: dict, net: CaffeNet, opt: CaffeSGD, rt: Runtime) -> tuple[int
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     if rt.device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+        torch.cuda.set_rng_state(state["rng"]["cuda"], rt.device)
     return state["epoch"], state["iteration"], list(state["history"]), dict(state["skipped"])
 
 
@@ -300,7 +305,7 @@ def finetune(
         row = {"epoch": epoch + 1, "iteration": iteration, **stats, **vstats,
                "epoch_seconds": time.perf_counter() - t_epoch}
         history.append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
         ckpt_io.save_checkpoint(run_dir, config, {"epoch": epoch + 1, "iteration": iteration, "model": net.state_dict(),
                                                   "optimizer": opt.state_dict(), "history": history, "skipped": skipped,
                                                   "rng": rng})
@@ -382,7 +387,7 @@ def _report(name, pkg, spec, data, surgery, mults, solver, history, scores, pack
         "iterations": history[-1]["iteration"],
         "batch_size": batch_size,
         "augmentation": augmentation,
-        "device": rt.device.type,
+        "device": str(rt.device),
         "precision": rt.precision,
         "seed": seed,
         "history": history,

@@ -6,7 +6,16 @@ import argparse
 import sys
 from typing import Any
 
-from convert.cli_common import at_least, floats, fraction, non_negative, positive, positive_floats, positive_ints
+from convert.cli_common import (
+    at_least,
+    device,
+    floats,
+    fraction,
+    non_negative,
+    positive,
+    positive_floats,
+    positive_ints,
+)
 from convert.errors import GraftError
 
 ALLOW_PICKLE_HELP = ("also load a head saved by an older graft as head.joblib: a pickle, which runs code from the file "
@@ -84,7 +93,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-k", type=positive, default=5, help="without --head, above 20 classes: top classes listed (default 5)")
     p.add_argument("--cache", metavar="DIR", help="cache folder (default: artifacts/cache/<model>)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", type=device, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="as extract's: auto, cpu, cuda or cuda:N (GPU N)")
     p.add_argument("--batch-size", type=positive, help="images per forward (default: 8 on CPU, 64 on CUDA)")
     p.add_argument("--workers", type=positive, help="decode threads (default: min(4, cores) on CPU, min(16, cores) on CUDA)")
     p.add_argument("--no-progress", action="store_true")

@@ -65,6 +65,7 @@ POSITIVE_FLOAT = ("0", "-3", "abc", "nan", "inf")
 NON_NEGATIVE_FLOAT = ("-3", "abc", "nan")
 FRACTION = ("0", "1", "-0.5", "abc", "nan")
 SIZE = ("-3", "abc", "1,2,3", "0,5", "2.5")
+DEVICE = ("cuda:x", "gpu", "cuda:-1", "cuda:", "cpu:0")
 
 #: (subcommand, flag) -> values it must refuse
 NUMERIC = {
@@ -77,6 +78,7 @@ NUMERIC = {
     ("extract", "--batch-size"): POSITIVE_INT,
     ("extract", "--workers"): POSITIVE_INT,
     ("extract", "--shard-size"): POSITIVE_INT,
+    ("extract", "--device"): DEVICE,
     ("fit-head", "--pca"): POSITIVE_INT,
     ("fit-head", "--alphas"): ("0", "-1", "abc", "1,-1", ""),
     ("fit-head", "--hidden"): ("0", "-3", "abc", "256,0", ""),
@@ -89,6 +91,7 @@ NUMERIC = {
     ("predict", "--top-k"): POSITIVE_INT,
     ("predict", "--batch-size"): POSITIVE_INT,
     ("predict", "--workers"): POSITIVE_INT,
+    ("predict", "--device"): DEVICE,
     ("finetune", "--test-size"): FRACTION,
     ("finetune", "--lr"): POSITIVE_FLOAT,
     ("finetune", "--gamma"): ("abc", "nan", "inf"),
@@ -104,6 +107,7 @@ NUMERIC = {
     ("finetune", "--seed"): NON_NEGATIVE_INT,
     ("finetune", "--workers"): NON_NEGATIVE_INT,
     ("finetune", "--threads"): POSITIVE_INT,
+    ("finetune", "--device"): DEVICE,
 }
 
 
