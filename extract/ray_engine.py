@@ -75,6 +75,7 @@ class Cluster:
         self.started = False
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         if not ray.is_initialized():
+            _check_reachable(self.address)
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
             if self.address is None:
                 kwargs["include_dashboard"] = False
@@ -135,6 +136,23 @@ class Cluster:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT nobody listens on makes ``ray.init`` retry for minutes: try the port first."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except ValueError:
+        raise BackendError(f"--ray-address {address}: expected HOST:PORT, auto or ray://HOST:PORT") from None
+    except OSError as err:
+        raise BackendError(f"--ray-address {address}: no Ray cluster answers there ({err.strerror or err}); "
+                           "start one with `ray start --head` or pass its address") from None
 
 
 class WorkerPlan:

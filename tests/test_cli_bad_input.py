@@ -79,6 +79,8 @@ NUMERIC = {
     ("extract", "--workers"): POSITIVE_INT,
     ("extract", "--shard-size"): POSITIVE_INT,
     ("extract", "--device"): DEVICE,
+    ("extract", "--gpus-per-worker"): NON_NEGATIVE_FLOAT,
+    ("extract", "--cpus-per-worker"): POSITIVE_FLOAT,
     ("fit-head", "--pca"): POSITIVE_INT,
     ("fit-head", "--alphas"): ("0", "-1", "abc", "1,-1", ""),
     ("fit-head", "--hidden"): ("0", "-3", "abc", "256,0", ""),
