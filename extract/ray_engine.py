@@ -71,9 +71,11 @@ class Cluster:
     In a process that already called ``ray.init`` the running connection is used as it is."""
 
     def __init__(self, address: str | None = None) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        if self.address is not None and "ray" not in sys.modules:
+            _use_auth_token()  # read when ray is imported
         ray = self.ray = import_ray()
         self.started = False
-        self.address = address or os.environ.get("RAY_ADDRESS") or None
         if not ray.is_initialized():
             _check_reachable(self.address)
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
@@ -97,9 +99,9 @@ class Cluster:
 
     def plan(self, backend: str, device: str, precision: str, gpus_per_worker: float | None,
              cpus_per_worker: float | None, workers: int | None) -> WorkerPlan:
-        """Decide the actors and resolve backend/device/precision **on a worker** (the driver
-        may have no GPU; the precision is part of the cache key). Running the resolution there
-        also proves graft imports on the cluster's workers."""
+        """Decide the actors and resolve backend/device/precision; for GPU workers **on a GPU
+        worker** (the driver may have no GPU, and the precision, bf16 or fp32, is part of the
+        cache key), which also proves graft imports on the cluster's workers."""
         res = self.resources()
         gpus_total, cpus_total = float(res.get("GPU", 0)), float(res.get("CPU", 0))
         if device.startswith("cuda:"):
@@ -124,7 +126,10 @@ class Cluster:
         if workers is None:
             workers = int(gpus_total // gpus_per_worker) if gpus_per_worker else int(cpus_total // cpus_per_worker)
         workers = max(1, workers)
-        remote = self.ray.remote(num_cpus=0, num_gpus=gpus_per_worker or 0)(_resolve_on_worker)
+        if not gpus_per_worker:  # CPU workers: nothing about the machine changes the choice
+            kind, device, precision = _resolve_on_worker(backend, device, precision)
+            return WorkerPlan(kind, device, precision, workers, float(cpus_per_worker), 0.0)
+        remote = self.ray.remote(num_cpus=0, num_gpus=gpus_per_worker)(_resolve_on_worker)
         try:
             kind, device, precision = self.ray.get(remote.remote(backend, device, precision), timeout=600)
         except self.ray.exceptions.GetTimeoutError:
@@ -153,6 +158,18 @@ def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     except OSError as err:
         raise BackendError(f"--ray-address {address}: no Ray cluster answers there ({err.strerror or err}); "
                            "start one with `ray start --head` or pass its address") from None
+
+
+def _use_auth_token() -> None:
+    """Ray >= 2.5x clusters (``ray start``) require a token, and a driver joining one sends it only
+    when told to: with a token at hand (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``, the file ``ray start`` writes) and no ``$RAY_AUTH_MODE``, send it. A
+    cluster without token authentication accepts the token all the same."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 class WorkerPlan:

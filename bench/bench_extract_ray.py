@@ -1,0 +1,104 @@
+"""Benchmark ``graft extract --engine ray`` against the local engine, side by side in one run.
+
+The same model (open_nsfw, ResNet-50 at 224x224, blob ``pool``), the same distinct test-bed
+faces, each run a ``graft extract`` command into a fresh cache, as a user runs it: the local
+engine as it is, the Ray engine joining a cluster started beforehand (``ray start --head
+--num-cpus 2``) with 2 CPU workers. Runs alternate (local, ray, local, ray, ...) so both see the
+same warm file cache and machine state. Prints a Markdown table for docs/benchmarks.md.
+
+    .venv/bin/python bench/bench_extract_ray.py --n 600 --rounds 2
+
+``images/s`` is what the command prints (computed images / seconds of the decode+infer loop,
+model and actor start-up included); ``wall`` is the whole command (interpreter, hashing, writing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_extract import convert_open_nsfw, distinct_faces  # noqa: E402  (the same model and faces as the other extract benches)
+from bench.bench_extract_e2e import link_folder  # noqa: E402
+
+RATE = re.compile(r"throughput: ([0-9.]+) images/s \(([^)]*)\)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster(cpus: int, tmp: Path) -> tuple[str, Path]:
+    """``ray start --head`` with ``cpus`` CPUs; returns its address and the ray binary."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = free_port()
+    subprocess.run([str(ray_bin), "start", "--head", f"--num-cpus={cpus}", "--num-gpus=0", f"--port={port}",
+                    "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, capture_output=True, env={**os.environ, "RAY_TMPDIR": str(tmp)})
+    return f"127.0.0.1:{port}", ray_bin
+
+
+def run(pkg: Path, folder: Path, cache: Path, extra: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, the command's images/s, its backend line)."""
+    cmd = [sys.executable, str(REPO / "cli.py"), "extract", "--model", str(pkg), "--layer", "pool", "--images",
+           str(folder), "--cache", str(cache), "--no-progress", *extra]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr[-3000:]}")
+    wall = time.perf_counter() - t
+    m = RATE.search(out.stdout)
+    if not m:
+        raise SystemExit(f"no throughput line in: {out.stdout}\n{out.stderr}")
+    return wall, float(m.group(1)), m.group(2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=600, help="distinct faces (default 600)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="Ray CPU actors (default 2, one per core here)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        pkg = convert_open_nsfw(tmp / "open_nsfw")
+        folder = link_folder(distinct_faces(args.n), tmp / "faces")
+        address, ray_bin = start_cluster(os.cpu_count() or 2, tmp)
+        try:
+            engines = {"local": [], "ray": ["--engine=ray", f"--ray-address={address}", f"--workers={args.workers}"]}
+            results: dict[str, list[tuple[float, float, str]]] = {e: [] for e in engines}
+            for r in range(args.rounds):
+                for name, extra in engines.items():
+                    cache = tmp / f"cache-{name}-{r}"
+                    results[name].append(run(pkg, folder, cache, extra))
+                    shutil.rmtree(cache)
+                    print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr)
+        finally:
+            subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True)
+    best = {e: max(v, key=lambda x: x[1]) for e, v in results.items()}
+    print(f"\n{args.n} distinct faces, open_nsfw `pool`, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, {args.rounds} rounds alternating (best of each)\n")
+    print("| engine | images/s (each round) | wall s (each round) | backend |")
+    print("|---|---|---|---|")
+    for e, v in results.items():
+        print(f"| {e} | {', '.join(f'{x[1]:.1f}' for x in v)} | {', '.join(f'{x[0]:.1f}' for x in v)} | {best[e][2]} |")
+    ratio = best["ray"][1] / best["local"][1]
+    wall = min(x[0] for x in results["local"]) / min(x[0] for x in results["ray"])
+    print(f"\nray / local: {ratio:.2f}x images/s, {wall:.2f}x by wall time (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
