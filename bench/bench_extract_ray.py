@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,14 +42,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cluster(cpus: int, tmp: Path) -> tuple[str, Path]:
-    """``ray start --head`` with ``cpus`` CPUs; returns its address and the ray binary."""
+def start_cluster(cpus: int) -> tuple[str, subprocess.Popen]:
+    """``ray start --head --block`` with ``cpus`` CPUs, as a user starts one; stopping that process
+    stops this cluster only (``ray stop`` would stop every cluster of the machine)."""
     ray_bin = Path(sys.executable).with_name("ray")
     port = free_port()
-    subprocess.run([str(ray_bin), "start", "--head", f"--num-cpus={cpus}", "--num-gpus=0", f"--port={port}",
-                    "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, capture_output=True, env={**os.environ, "RAY_TMPDIR": str(tmp)})
-    return f"127.0.0.1:{port}", ray_bin
+    proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--num-cpus={cpus}", "--num-gpus=0",
+                             f"--port={port}", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(2)  # the GCS answers before the raylet has registered
+                return f"127.0.0.1:{port}", proc
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("ray start did not come up within 120 s")
 
 
 def run(pkg: Path, folder: Path, cache: Path, extra: list[str]) -> tuple[float, float, str]:
@@ -76,7 +86,7 @@ def main() -> None:
         tmp = Path(td)
         pkg = convert_open_nsfw(tmp / "open_nsfw")
         folder = link_folder(distinct_faces(args.n), tmp / "faces")
-        address, ray_bin = start_cluster(os.cpu_count() or 2, tmp)
+        address, cluster = start_cluster(os.cpu_count() or 2)
         try:
             engines = {"local": [], "ray": ["--engine=ray", f"--ray-address={address}", f"--workers={args.workers}"]}
             results: dict[str, list[tuple[float, float, str]]] = {e: [] for e in engines}
@@ -87,7 +97,8 @@ def main() -> None:
                     shutil.rmtree(cache)
                     print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr)
         finally:
-            subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True)
+            os.killpg(cluster.pid, signal.SIGTERM)
+            cluster.wait(60)
     best = {e: max(v, key=lambda x: x[1]) for e, v in results.items()}
     print(f"\n{args.n} distinct faces, open_nsfw `pool`, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {args.rounds} rounds alternating (best of each)\n")
