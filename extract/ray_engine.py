@@ -13,8 +13,8 @@ CPU actors. What stays on the driver is what makes the cache exact:
   bandwidth (docs/cluster.md).
 
 Faults: Ray restarts an actor that dies and retries its batches (Ray Data's actor pools run
-with ``max_restarts=-1, max_task_retries=-1``); a retried batch's rows arrive once because
-only finished batches come back. A killed driver loses only rows not yet in a committed shard:
+with ``max_restarts=-1, max_task_retries=-1``); rows a retried block returns again are
+dropped by the writer, which stores each content once. A killed driver loses only rows not yet in a committed shard:
 the re-run finds the rest in the cache.
 """
 
@@ -366,10 +366,12 @@ def _compute(ray: Any, plan: WorkerPlan, pkg: Any, pp: Preprocess, overrides: Ma
             for sha, r in zip(b["sha256"][~ok], reasons[~ok]):
                 bad_sha[str(sha)] = str(r)
             if ok.any():
-                writer.add([str(s) for s in b["sha256"][ok]], [str(p) for p in b["path"][ok]],
-                           {blob: b[f"blob{k}"][ok] for k, blob in enumerate(stems)})
+                got = [str(s) for s in b["sha256"][ok]]
+                # a block retried after its actor died may repeat rows already received: the writer
+                # stores each content once, and only new ones count as computed
+                summary.computed += sum(1 for s in got if writer.needs(s))
+                writer.add(got, [str(p) for p in b["path"][ok]], {blob: b[f"blob{k}"][ok] for k, blob in enumerate(stems)})
                 summary.backend = f"{b['backend'][0]} on ray x{workers}"
-            summary.computed += int(ok.sum())
             bar.update(len(reasons))
             if (~ok).any():
                 bar.set_postfix(failed=len(bad_sha), refresh=False)
