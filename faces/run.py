@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from convert.errors import GraftError
-
 from .align import crop_face
 from .dataset import FacesFolder
 from .detectors import DetectorOptions, build_detector, package_identity, packages_of
