@@ -67,6 +67,13 @@ def test_absent_package_is_one_line_giving_the_commands(tmp_path, monkeypatch):
         load_detector("nope")
 
 
+def test_preprocessing_only_presets_need_a_prototxt(capsys):
+    rc, _, err = _cli(capsys, "convert", "--preset", "ultraface", "--caffemodel", str(ULTRA / "RFB-320.caffemodel"))
+    assert rc == 2 and "--preset ultraface is preprocessing only: give the released deploy net with --prototxt" in err
+    rc, _, err = _cli(capsys, "convert", "--preset", "vgg-face", "--prototxt", "x.prototxt", "--caffemodel", "x")
+    assert rc == 2 and "give --prototxt or --preset vgg-face, not both" in err
+
+
 def test_preset_preprocessing_recorded(root, ultraface):
     pkg = ultraface.net.pkg
     assert pkg.preprocess["channel_order"] == "rgb" and pkg.preprocess["mean"] == [127.0] * 3
