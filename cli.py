@@ -1,7 +1,8 @@
 """graft's command line: one subcommand per step, each a thin call into a library function.
 
 Each package contributes its subcommands through a ``register(subparsers)`` function
-(``convert.commands``, ``extract.commands``, ``heads.commands``, ``finetune.commands``); a
+(``convert.commands``, ``extract.commands``, ``heads.commands``, ``finetune.commands``,
+``faces.commands``); a
 subcommand sets ``func(args) -> int``. Registering imports nothing heavy (no torch, scikit-learn,
 onnx, cv2 or pandas), so ``--help`` is instant; a command imports what it uses when it runs.
 
@@ -29,6 +30,7 @@ COMMANDS = {
     "predict": "heads.commands",
     "export": "heads.commands",
     "finetune": "finetune.commands",
+    "faces": "faces.commands",
 }
 
 #: exit statuses (README, "Exit codes")

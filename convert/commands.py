@@ -43,7 +43,8 @@ def register(sub) -> None:
                        description="Convert a Caffe model (prototxt + caffemodel, V1 or V2) into a model package.")
     p.add_argument("--prototxt", help="deploy prototxt (not needed with --preset)")
     p.add_argument("--caffemodel", required=True, help="trained weights")
-    p.add_argument("--preset", help="a model graft knows (vgg-face): its deploy net and preprocessing")
+    p.add_argument("--preset", help="a model graft knows: vgg-face (its deploy net and preprocessing); ultraface, mtcnn "
+                   "(preprocessing for the released --prototxt)")
     p.add_argument("--name", help="package name (default: preset or prototxt name)")
     p.add_argument("--out", help="package folder (default artifacts/models/<name>)")
     p.add_argument("--classes", help="class names file, one per line (line i = class i)")
@@ -85,16 +86,19 @@ def run_convert(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset) if args.preset else None
     if not preset and not args.prototxt:
         raise GraftError("give --prototxt (or --preset vgg-face)")
-    if preset and args.prototxt:
-        raise GraftError("give --prototxt or --preset, not both")
+    if preset and preset.prototxt is not None and args.prototxt:
+        raise GraftError(f"give --prototxt or --preset {preset.name}, not both (the preset has its own deploy net)")
+    if preset and preset.prototxt is None and not args.prototxt:
+        raise GraftError(f"--preset {preset.name} is preprocessing only: give the released deploy net with --prototxt")
+    preset_net = preset.prototxt if preset else None
     if not Path(args.caffemodel).is_file():
         what = "is a directory, expected a .caffemodel file" if Path(args.caffemodel).is_dir() else "no such file"
         raise GraftError(f"{args.caffemodel}: {what}")
     outputs = [o for o in (args.outputs or "").split(",") if o.strip()] or None
     if args.outputs is not None and not outputs:
         raise GraftError("--outputs: no blob names given")
-    source = preset.name if preset else args.prototxt
-    spec = read_spec(source, preset.prototxt if preset else None, outputs)
+    source = preset.name if preset_net is not None else args.prototxt
+    spec = read_spec(source, preset_net, outputs)
     input_size = parse_size(args.input_size, "--input-size")
     shapes = input_shapes(spec, input_size)
     shape = shapes[main_input(shapes)]
@@ -113,7 +117,7 @@ def run_convert(args: argparse.Namespace) -> int:
     pkg = convert_model(
         source, args.caffemodel, args.out, name,
         preprocess=pre, mean_image=mean_img, classes=classes, input_size=input_size,
-        prototxt_text=preset.prototxt if preset else None, outputs=outputs, verify=not args.no_verify)
+        prototxt_text=preset_net, outputs=outputs, verify=not args.no_verify)
     m = pkg.manifest
     if classes and m["outputs"]:
         n_out = m["blobs"][m["outputs"][-1]]["shape"][-1]

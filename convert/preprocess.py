@@ -128,6 +128,8 @@ def build_preprocess(
         "crop": crop_n,
         "input_size": [h, w],
     }
+    if d.get("transpose"):  # MATLAB-trained nets (MTCNN): extract swaps H and W after normalising
+        spec["transpose"] = True
     return spec, mean_img
 
 

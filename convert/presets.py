@@ -3,6 +3,11 @@
 ``vgg-face``: the released VGG-Face deploy net (Parkhi et al. 2015: VGG-16, fc8 = 2,622
 identities, Softmax ``prob``), written out here layer by layer with the release's names, and
 its preprocessing (224×224 squash, BGR, mean B 93.5940 G 104.7624 R 129.1863, no scaling).
+
+``ultraface`` and ``mtcnn``: preprocessing only (``prototxt`` None: the user gives the released
+deploy net with ``--prototxt``), the face detectors ``graft faces`` runs. UltraFace RFB-320
+(Linzaer): RGB, 320×240 (W×H), (x − 127) / 128. MTCNN (Zhang et al. 2016, trained in MATLAB
+Caffe): RGB, H and W transposed, (x − 127.5) × 0.0078125, at each net's own input size.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from .errors import GraftError
 @dataclass(frozen=True)
 class Preset:
     name: str
-    prototxt: str
+    prototxt: str | None  # None: preprocessing only, the deploy net comes from --prototxt
     preprocess: dict
     description: str
 
@@ -54,6 +59,18 @@ PRESETS: dict[str, Preset] = {
         preprocess={"channel_order": "bgr", "mean": [93.5940, 104.7624, 129.1863], "scale": 1.0,
                     "resize": [224, 224], "crop": 0},
         description="VGG-Face (VGG-16, 2,622 identities), Oxford VGG 2015; weights CC BY-NC 4.0",
+    ),
+    "ultraface": Preset(
+        name="ultraface",
+        prototxt=None,
+        preprocess={"channel_order": "rgb", "mean": [127.0, 127.0, 127.0], "scale": 1 / 128, "resize": [240, 320], "crop": 0},
+        description="Ultra-Light-Fast-Generic-Face-Detector-1MB RFB-320 (Linzaer), deploy net from --prototxt; MIT",
+    ),
+    "mtcnn": Preset(
+        name="mtcnn",
+        prototxt=None,
+        preprocess={"channel_order": "rgb", "mean": [127.5, 127.5, 127.5], "scale": 0.0078125, "crop": 0, "transpose": True},
+        description="MTCNN det1/det2/det3 (kpzhang93), MATLAB-trained (transposed input), deploy net from --prototxt; MIT",
     ),
 }
 

@@ -57,6 +57,7 @@ BASE = {
     "fit-head": ["fit-head", "--layer", "l"],
     "predict": ["predict", "--out", "p.csv"],
     "finetune": ["finetune", "--model", "m"],
+    "faces": ["faces", "--detector", "ultraface", "--images", ".", "--out", "o"],
 }
 
 POSITIVE_INT = ("0", "-3", "abc", "2.5")
@@ -110,6 +111,16 @@ NUMERIC = {
     ("finetune", "--workers"): NON_NEGATIVE_INT,
     ("finetune", "--threads"): POSITIVE_INT,
     ("finetune", "--device"): DEVICE,
+    ("faces", "--size"): POSITIVE_INT,
+    ("faces", "--margin"): NON_NEGATIVE_FLOAT,
+    ("faces", "--max-faces"): POSITIVE_INT,
+    ("faces", "--sample-sheet"): NON_NEGATIVE_INT,
+    ("faces", "--score-threshold"): FRACTION,
+    ("faces", "--min-size"): POSITIVE_INT,
+    ("faces", "--class-id"): NON_NEGATIVE_INT,
+    ("faces", "--device"): DEVICE,
+    ("faces", "--batch-size"): POSITIVE_INT,
+    ("faces", "--workers"): POSITIVE_INT,
 }
 
 
