@@ -76,14 +76,36 @@ def run(pkg: Path, folder: Path, cache: Path, extra: list[str]) -> tuple[float, 
     return wall, float(m.group(1)), m.group(2)
 
 
+def store_rate(tmp: Path, rows: int, dim: int, batch: int = 64) -> float:
+    """Rows/s the driver's CacheWriter stores (add + shard commits, fsync'd) of ``dim`` float32
+    rows arriving in batches: the Ray engine's write ceiling, whatever the cluster computes."""
+    import numpy as np
+
+    from extract.cache import CacheWriter
+
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((batch, dim), dtype=np.float32)
+    config = {"weights_sha256": "bench", "preprocess": {}, "dtype": "float32", "l2": False, "precision": "fp32"}
+    t = time.perf_counter()
+    with CacheWriter(tmp / "store", config, ["fc7"], shard_size=4096) as w:
+        for i in range(0, rows, batch):
+            w.add([f"{i + j:064x}" for j in range(batch)], [f"img{i + j}.jpg" for j in range(batch)], {"fc7": block})
+    rate = rows / (time.perf_counter() - t)
+    shutil.rmtree(tmp / "store")
+    return rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=600, help="distinct faces (default 600)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="Ray CPU actors (default 2, one per core here)")
+    ap.add_argument("--store-rows", type=int, default=32768, help="rows of the driver's store-rate measurement (0: skip)")
+    ap.add_argument("--store-dim", type=int, default=4096, help="their width (default 4096: VGG-Face fc7)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
+        store = store_rate(tmp, args.store_rows, args.store_dim) if args.store_rows else None
         pkg = convert_open_nsfw(tmp / "open_nsfw")
         folder = link_folder(distinct_faces(args.n), tmp / "faces")
         address, cluster = start_cluster(os.cpu_count() or 2)
@@ -109,6 +131,10 @@ def main() -> None:
     ratio = best["ray"][1] / best["local"][1]
     wall = min(x[0] for x in results["local"]) / min(x[0] for x in results["ray"])
     print(f"\nray / local: {ratio:.2f}x images/s, {wall:.2f}x by wall time (target >= 0.8x)")
+    if store:
+        mb = store * args.store_dim * 4 / 2**20
+        print(f"\ndriver store rate (CacheWriter, {args.store_dim}-d float32, fsync'd shards of 4096): "
+              f"{store:,.0f} rows/s = {mb:,.0f} MiB/s")
 
 
 if __name__ == "__main__":
