@@ -150,7 +150,7 @@ class _Net:
     """One package with its backend: float RGB (N, H, W, 3) batches in, {blob: array} out."""
 
     def __init__(self, pkg: Any, backend: str, device: str, any_size: bool = False) -> None:
-        from extract.backends import make_backend
+        from extract.backends import make_backend, resolve
         from extract.preprocess import Preprocess
 
         self.pkg = _package(pkg)
@@ -158,10 +158,11 @@ class _Net:
         if not self.pre.transpose or self.pre.channel_order != "rgb":
             raise ValueError(f"{self.pkg.dir}: not an MTCNN package (convert it with convert_mtcnn: RGB, transposed)")
         self.outputs = self.pkg.outputs
-        source = _AnySize(self.pkg) if any_size else self.pkg
         # fp32 always: thresholds on probabilities near 0.6-0.7 are not for bf16
-        self.backend = make_backend(source, self.outputs, backend, device, "fp32")
-        if any_size and self.backend.name.startswith("torch"):
+        kind, device, _ = resolve(backend, device, "fp32")
+        source = _AnySize(self.pkg) if any_size and kind == "onnxruntime" else self.pkg
+        self.backend = make_backend(source, self.outputs, kind, device, "fp32")
+        if any_size and kind == "torch":
             _ceil_pools(self.backend.net)
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -295,7 +296,7 @@ class MTCNN:
         self.min_size, self.thresholds, self.factor, self.nms = min_size, tuple(thresholds), factor, tuple(nms)
         self.pnet = _Net(det1, backend, device, any_size=True)
         self.rnet = _Net(det2, backend, device)
-        self.onet = det3 if isinstance(det3, _Net) else _Net(det3, backend, device)
+        self.onet = _Net(det3, backend, device)
 
     def detect(self, image: np.ndarray) -> list[Face]:
         boxes, points = self.detect_arrays(image)
