@@ -37,7 +37,7 @@ def sample_crops(n: int = 100, seed: int = 0) -> list[Path]:
 def ref_nms(boxes, threshold, mode):
     x1, y1, x2, y2, s = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
     area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = np.argsort(s)
+    order = np.argsort(s, kind="stable")  # MATLAB's sort: ties keep their order, the last is taken
     pick = []
     while order.size:
         i = order[-1]
@@ -113,7 +113,8 @@ class Reference:
         return self.nets[i].forward(names)
 
     def detect(self, img):
-        """(N, 5) boxes and (N, 10) points [x1..x5, y1..y5], as detect_face.m returns them."""
+        """(N, 5) boxes and (N, 10) points [x1..x5, y1..y5] of a uint8 RGB image (the pyramid is
+        resized as uint8, the crops as float, as ipazc/mtcnn does), as detect_face.m returns them."""
         h, w = img.shape[:2]
         m = 12.0 / self.min_size
         minl, scales = min(h, w) * m, []
@@ -235,7 +236,7 @@ def test_pnet_torch_any_size_matches_onnx(packages):
 
 def test_test1_matches_opencv_reference(detector, reference):
     img = read_rgb(CAFFE / "test1.jpg")
-    ref_boxes, ref_points = reference.detect(img.astype(np.float64))
+    ref_boxes, ref_points = reference.detect(img)
     faces = detector.detect(img)
     assert len(ref_boxes) >= 2 and len(faces) == len(ref_boxes)
     scores = [f.score for f in faces]
@@ -288,3 +289,15 @@ def test_onet_landmarks_on_the_boxes_onet_saw_equal_detect(detector, packages):
     print(f"onet_landmarks on final boxes vs detect: median {np.median(rel):.1%}, max {np.max(rel):.1%} of the box width")
     assert np.median(rel) <= 0.03
     assert onet_landmarks(packages[2], img, np.zeros((0, 4))).shape == (0, 5, 2)
+
+
+def test_imdbwiki_crops_match_opencv_reference(detector, reference):
+    """Same faces as the OpenCV-DNN cascade on 20 crops: count, boxes, scores, landmarks."""
+    for path in sample_crops(20, seed=5):
+        img = read_rgb(path)
+        ref_boxes, ref_points = reference.detect(img)
+        boxes, points = detector.detect_arrays(img)
+        assert len(boxes) == len(ref_boxes), path
+        np.testing.assert_allclose(boxes[:, :4], ref_boxes[:, :4], atol=3, err_msg=str(path))
+        np.testing.assert_allclose(boxes[:, 4], ref_boxes[:, 4], atol=1e-3, err_msg=str(path))
+        np.testing.assert_allclose(points, np.stack([ref_points[:, :5], ref_points[:, 5:]], 2), atol=3, err_msg=str(path))

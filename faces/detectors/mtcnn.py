@@ -177,7 +177,8 @@ def _blob(out: dict[str, np.ndarray], prefix: str) -> np.ndarray:
 # -- the reference's box arithmetic ------------------------------------------------------------
 
 def nms(boxes: np.ndarray, threshold: float, mode: str = "Union") -> np.ndarray:
-    """Indices kept by greedy NMS, best score first, with the reference's pixel-inclusive areas.
+    """Indices kept by greedy NMS, best score first (of equal scores the later box, as MATLAB's
+    stable sort in ``nms.m``), with the reference's pixel-inclusive areas.
 
     'Union' is ``cv2.dnn.NMSBoxes`` on (x, y, w+1, h+1) rectangles, which then computes the same
     overlap; OpenCV has no intersection-over-minimum, so 'Min' is numpy, as ``nms.m`` writes it."""
@@ -186,10 +187,12 @@ def nms(boxes: np.ndarray, threshold: float, mode: str = "Union") -> np.ndarray:
     x1, y1, x2, y2, s = (boxes[:, i] for i in range(5))
     w, h = x2 - x1 + 1, y2 - y1 + 1
     if mode == "Union":
-        rects = np.stack([x1, y1, w, h], 1).tolist()
-        return np.asarray(cv2.dnn.NMSBoxes(rects, s.tolist(), 0.0, float(threshold)), np.int64).reshape(-1)
+        # fed last box first: of equal scores OpenCV keeps the first it sees, nms.m the last
+        rects = np.stack([x1, y1, w, h], 1)[::-1].tolist()
+        kept = np.asarray(cv2.dnn.NMSBoxes(rects, s[::-1].tolist(), 0.0, float(threshold)), np.int64).reshape(-1)
+        return len(boxes) - 1 - kept
     area = w * h
-    order = np.argsort(-s, kind="stable")
+    order = np.argsort(s, kind="stable")[::-1]
     keep = []
     while order.size:
         i, rest = order[0], order[1:]
