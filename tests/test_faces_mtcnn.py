@@ -301,3 +301,10 @@ def test_imdbwiki_crops_match_opencv_reference(detector, reference):
         np.testing.assert_allclose(boxes[:, :4], ref_boxes[:, :4], atol=3, err_msg=str(path))
         np.testing.assert_allclose(boxes[:, 4], ref_boxes[:, 4], atol=1e-3, err_msg=str(path))
         np.testing.assert_allclose(points, np.stack([ref_points[:, :5], ref_points[:, 5:]], 2), atol=3, err_msg=str(path))
+
+
+def test_no_faces_and_bad_input(detector):
+    assert detector.detect(np.zeros((10, 10, 3), np.uint8)) == []  # smaller than min_size: no pyramid
+    assert detector.detect(np.full((120, 90, 3), 128, np.uint8)) == []
+    with pytest.raises(ValueError, match="RGB uint8"):
+        detector.detect(np.zeros((50, 50), np.uint8))
