@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        pkgs = convert_mtcnn(CAFFE, tmp, log=lambda _m: None)
+        pkgs = convert_mtcnn(CAFFE, tmp)
         ref = Reference()
         runners = {"graft onnxruntime-cpu": MTCNN(*pkgs, backend="onnxruntime").detect,
                    "graft torch-cpu": MTCNN(*pkgs, backend="torch").detect,

@@ -172,7 +172,7 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
-    return convert_mtcnn(CAFFE, tmp_path_factory.mktemp("mtcnn"), log=lambda _m: None)
+    return convert_mtcnn(CAFFE, tmp_path_factory.mktemp("mtcnn"))
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_packages_record_mtcnn_preprocessing_and_are_reused(packages, tmp_path):
         assert pre["channel_order"] == "rgb" and pre["transpose"] is True
         assert pre["mean"] == [127.5] * 3 and pre["scale"] == 0.0078125 and pre["input_size"] == [side, side]
     stamps = [(p / "manifest.json").stat().st_mtime_ns for p in packages]
-    again = convert_mtcnn(CAFFE, packages[0].parent, log=lambda _m: None)
+    again = convert_mtcnn(CAFFE, packages[0].parent)
     assert [(p / "manifest.json").stat().st_mtime_ns for p in again] == stamps
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,12 @@ ANY_SIZE_ONNX = "model.any-size.onnx"
 # -- conversion -------------------------------------------------------------------------------
 
 def mtcnn_preprocess(side: int) -> dict:
-    """The manifest preprocessing of one MTCNN net: RGB, (x - 127.5) * 0.0078125, transposed."""
+    """The manifest preprocessing of one MTCNN net: RGB, (x - 127.5) * 0.0078125, transposed
+    (``convert.presets``' ``mtcnn``, what ``graft convert --preset mtcnn`` records)."""
     from convert.preprocess import build_preprocess
+    from convert.presets import get_preset
 
-    pre, _ = build_preprocess([1, 3, side, side], mean=str(MEAN), scale=SCALE, channel_order="rgb")
-    pre["transpose"] = True
+    pre, _ = build_preprocess([1, 3, side, side], defaults=get_preset("mtcnn").preprocess)
     return pre
 
 
@@ -57,19 +58,19 @@ def _is_current(out: Path, caffemodel: Path, pre: dict) -> bool:
     return source.get("sha256") == sha256_file(caffemodel) and manifest.get("preprocess") == pre
 
 
-def convert_mtcnn(caffe_dir: str | Path, out_root: str | Path, log: Callable[[str], Any] = print) -> tuple[Path, Path, Path]:
+def convert_mtcnn(caffe_dir: str | Path, out_root: str | Path) -> tuple[Path, Path, Path]:
     """det1..det3 in ``caffe_dir`` -> ``out_root/mtcnn-det1..3`` (packages of the same weights kept),
+    converted as the ``faces`` registry does (:func:`faces.detectors.packages.convert_release`),
     plus det1's any-size ONNX graph (:func:`any_size_onnx`)."""
-    from convert import convert_model
+    from faces.detectors.packages import Release, convert_release
 
     caffe_dir, out_root = Path(caffe_dir), Path(out_root)
     outs = []
     for i, side in enumerate(SIDES, start=1):
-        out = out_root / f"mtcnn-det{i}"
-        caffemodel = caffe_dir / f"det{i}.caffemodel"
-        pre = mtcnn_preprocess(side)
-        if not _is_current(out, caffemodel, pre):
-            convert_model(caffe_dir / f"det{i}.prototxt", caffemodel, out, f"mtcnn-det{i}", preprocess=pre, log=log)
+        release = Release(f"mtcnn-det{i}", f"det{i}", "mtcnn")
+        out = out_root / release.package
+        if not _is_current(out, caffe_dir / f"det{i}.caffemodel", mtcnn_preprocess(side)):
+            convert_release(release, caffe_dir, out)
         outs.append(out)
     any_size_onnx(outs[0])
     return outs[0], outs[1], outs[2]
