@@ -158,3 +158,15 @@ def device(text: str) -> str:
 def sigterm_as_interrupt(signum: int, frame: Any) -> None:
     """Install for SIGTERM so a scheduler's kill unwinds like Ctrl-C: buffered work is flushed."""
     raise KeyboardInterrupt
+
+
+def add_image_inputs(p: Any, title: str = "input (exactly one)", csv_help: str = "CSV with a path column; every other column is kept as a label") -> Any:
+    """The image-input flags every command reading images shares (``extract.sources.load_records``
+    takes them): ``--images``, ``--csv``, ``--list``, ``--path-column``, ``--root``. Returns the group."""
+    src = p.add_argument_group(title)
+    src.add_argument("--images", metavar="DIR", help="folder, recursive; the containing sub-folder becomes the `label` column")
+    src.add_argument("--csv", metavar="FILE", help=csv_help)
+    src.add_argument("--list", dest="list_file", metavar="FILE", help="Caffe list file: 'relative/path.jpg LABEL' per line")
+    src.add_argument("--path-column", metavar="NAME", help="CSV column holding the image path (default: guessed: path, file, image, ...)")
+    src.add_argument("--root", metavar="DIR", help="folder relative paths of --csv/--list resolve against (default: that file's folder)")
+    return src

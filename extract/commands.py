@@ -6,7 +6,16 @@ import argparse
 import signal
 from typing import Any
 
-from convert.cli_common import device, mean, non_negative_float, positive, positive_float, sigterm_as_interrupt, size
+from convert.cli_common import (
+    add_image_inputs,
+    device,
+    mean,
+    non_negative_float,
+    positive,
+    positive_float,
+    sigterm_as_interrupt,
+    size,
+)
 
 #: extract.preprocess's RESIZE_MODES and RESIZE_FILTERS keys, named here so ``--help`` imports neither cv2 nor PIL
 #: (a test keeps them equal)
@@ -25,12 +34,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", required=True, help="model package: a name under artifacts/models/ or a folder")
     p.add_argument("--layer", required=True, action="append", metavar="BLOB[,BLOB...]",
                    help="blob name(s), as in the package manifest (post in-place value; '<blob>/pre_<layer>' for the raw one)")
-    src = p.add_argument_group("input (exactly one)")
-    src.add_argument("--images", metavar="DIR", help="folder, recursive; the containing sub-folder becomes the `label` column")
-    src.add_argument("--csv", metavar="FILE", help="CSV with a path column; every other column is kept as a label")
-    src.add_argument("--list", dest="list_file", metavar="FILE", help="Caffe list file: 'relative/path.jpg LABEL' per line")
-    src.add_argument("--path-column", metavar="NAME", help="CSV column holding the image path (default: guessed: path, file, image, ...)")
-    src.add_argument("--root", metavar="DIR", help="folder relative paths of --csv/--list resolve against (default: that file's folder)")
+    src = add_image_inputs(p)
     src.add_argument("--dataset", metavar="NAME", help="name of the dataset these rows become, what fit-head --dataset "
                      "trains on (default: the folder's name or the file's stem; a re-run replaces it)")
     pp = p.add_argument_group("preprocessing overrides (default: the package manifest's)")

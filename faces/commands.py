@@ -9,7 +9,15 @@ import argparse
 import signal
 from typing import Any
 
-from convert.cli_common import device, fraction, non_negative, non_negative_float, positive, sigterm_as_interrupt
+from convert.cli_common import (
+    add_image_inputs,
+    device,
+    fraction,
+    non_negative,
+    non_negative_float,
+    positive,
+    sigterm_as_interrupt,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -23,12 +31,7 @@ def register(subparsers: Any) -> None:
                    help="ultraface, mtcnn, or a converted SSD-style package folder (DetectionOutput [1,1,N,7])")
     p.add_argument("--caffe", metavar="DIR", help="folder of the released Caffe files (RFB-320.*, det1..det3.*): "
                    "converted once into artifacts/models/ when the packages are absent")
-    src = p.add_argument_group("input (exactly one)")
-    src.add_argument("--images", metavar="DIR", help="folder, recursive; the containing sub-folder becomes the `label` column")
-    src.add_argument("--csv", metavar="FILE", help="CSV with a path column; every other column is carried to faces.csv")
-    src.add_argument("--list", dest="list_file", metavar="FILE", help="Caffe list file: 'relative/path.jpg LABEL' per line")
-    src.add_argument("--path-column", metavar="NAME", help="CSV column holding the image path (default: guessed)")
-    src.add_argument("--root", metavar="DIR", help="folder relative paths of --csv/--list resolve against (default: that file's folder)")
+    add_image_inputs(p, csv_help="CSV with a path column; every other column is carried to faces.csv")
     out = p.add_argument_group("crops")
     out.add_argument("--out", required=True, metavar="DIR", help="output folder (crops/, records/, faces.csv, failures.csv, sheets/)")
     out.add_argument("--size", type=positive, default=224, help="crop side in pixels (default 224)")

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from convert.cli_common import (
+    add_image_inputs,
     device,
     fraction,
     non_negative,
@@ -37,12 +38,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--label-column", help="label column of the input")
     t.add_argument("--kind", choices=("classification", "regression"), help="with --label-column: classification (Softmax) or regression (one output, EuclideanLoss)")
     t.add_argument("--where", action="append", metavar="COLUMN=VALUE", help="keep only these rows (repeatable)")
-    src = p.add_argument_group("input (exactly one, as for extract)")
-    src.add_argument("--images", metavar="DIR", help="folder, recursive; the containing sub-folder becomes the `label` column")
-    src.add_argument("--csv", metavar="FILE", help="CSV with a path column and label columns")
-    src.add_argument("--list", dest="list_file", metavar="FILE", help="Caffe list file: 'relative/path.jpg LABEL' per line")
-    src.add_argument("--path-column", metavar="NAME", help="CSV column holding the image path (default: guessed)")
-    src.add_argument("--root", metavar="DIR", help="folder relative paths of --csv/--list resolve against (default: that file's folder)")
+    add_image_inputs(p, "input (exactly one, as for extract)", "CSV with a path column and label columns")
     s = p.add_argument_group("split (validation rows are never trained on)")
     s.add_argument("--split-column", default="split", help="train/test column, used when present (default split)")
     s.add_argument("--group-column", help="rows sharing this value stay on one side (identical images always do)")
