@@ -183,6 +183,15 @@ def test_crops_are_padded_not_shifted_and_aligned_on_the_template():
     assert crop_aligned(np.zeros((500, 600, 3), np.uint8), lm, 224, 0.2).shape == (224, 224, 3)
 
 
+def test_align_without_landmarks_is_a_one_line_error():
+    from convert.errors import GraftError
+    from faces.align import crop_face
+
+    with pytest.raises(GraftError, match="--align needs 5 landmarks"):
+        crop_face(np.zeros((50, 50, 3), np.uint8), np.array([5.0, 5, 40, 40]), None, 32, 0.2, align=True)
+    assert crop_face(np.zeros((50, 50, 3), np.uint8), np.array([5.0, 5, 40, 40]), None, 32, 0.2, align=False).shape == (32, 32, 3)
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     import cli
 
