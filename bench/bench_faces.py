@@ -38,8 +38,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+import cv2  # noqa: E402
 from _opencv_faces import CAFFE, TESTBED, ULTRA, Reference, UltraFaceCV  # noqa: E402
 
+#: OpenCV's own thread count, before graft is imported: extract.preprocess sets it to 1 (its decode
+#: threads would oversubscribe the cores), which would leave the in-process OpenCV DNN one core
+CV_THREADS = cv2.getNumThreads()
 GENDER = TESTBED / "faces" / "imdbwiki" / "gender-data"
 
 OPENCV = r"""
@@ -134,6 +138,7 @@ def in_process(kind: str, rgb: list[np.ndarray], bgr: list[np.ndarray], count: i
     found = {}
 
     def graft(warm: bool = False) -> None:
+        cv2.setNumThreads(1)  # as in `graft faces`
         ims = rgb[:batch] if warm else rgb
         if hasattr(det, "detect_batch"):
             out = [f for i in range(0, len(ims), batch) for f in det.detect_batch(ims[i:i + batch])]
@@ -142,6 +147,7 @@ def in_process(kind: str, rgb: list[np.ndarray], bgr: list[np.ndarray], count: i
         found["graft"] = sum(map(len, out))
 
     def opencv(warm: bool = False) -> None:
+        cv2.setNumThreads(CV_THREADS)  # as in a user's script
         ims = bgr[:batch] if warm else bgr
         if kind == "ultraface":
             out = [ref.detect(im) for im in ims]
@@ -203,8 +209,6 @@ def main() -> None:
     ap.add_argument("--skip", choices=("none", "in-process", "e2e"), default="none")
     args = ap.parse_args()
 
-    import cv2
-
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         prepare_packages(tmp / "artifacts")
@@ -233,7 +237,7 @@ def main() -> None:
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python "
           f"{platform.python_version()}, OpenCV {cv2.__version__}, onnxruntime {onnxruntime.__version__}; "
-          f"both at their default thread counts; {args.rounds} alternating rounds, medians\n")
+          f"both at their default thread counts (OpenCV {CV_THREADS}, graft's cv2 1); {args.rounds} alternating rounds, medians\n")
     head = ("| detector, images | photos | graft photos/s | OpenCV DNN photos/s | graft / OpenCV | graft s per round "
             "| OpenCV s per round | faces graft / OpenCV |\n|---|---:|---:|---:|---:|---|---|---|")
     titles = {"in-process": "Detection only (photos decoded beforehand, in process)",

@@ -93,6 +93,7 @@ def test_decoding_equals_the_authors_onnx_export(ultraface):
                                   providers=["CPUExecutionProvider"])
     photos = [_rgb(MTCNN / "test1.jpg"), _rgb(sorted((IMDB / "gender-data" / "test" / "male").iterdir())[0])]
     x = ultraface.net.inputs(photos)
+    np.testing.assert_array_equal(x, np.stack([ultraface.net.pre.transform(np.ascontiguousarray(p[:, :, ::-1])) for p in photos]))
     ours = ultraface.net.backend.run(x)
     runs = [theirs.run(["boxes", "scores"], {"input": x[k:k + 1]}) for k in range(len(x))]  # their export: batch 1
     boxes, scores = (np.concatenate([r[i] for r in runs]) for i in (0, 1))
