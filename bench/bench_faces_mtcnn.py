@@ -1,5 +1,5 @@
 """Photos per second of graft's MTCNN (onnxruntime and torch on CPU) vs the same cascade on
-OpenCV DNN (the reference in tests/test_faces_mtcnn.py), same images, same run; a Markdown table.
+OpenCV DNN (the reference in tests/_opencv_faces.py), same images, same run; a Markdown table.
 
     python bench/bench_faces_mtcnn.py [--crops 100] [--repeat 20] [--rounds 3]
 
@@ -20,7 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from test_faces_mtcnn import CAFFE, Reference, read_rgb, sample_crops  # noqa: E402
+from _opencv_faces import Reference  # noqa: E402
+from test_faces_mtcnn import CAFFE, read_rgb, sample_crops  # noqa: E402
 
 from faces.detectors.mtcnn import MTCNN, convert_mtcnn  # noqa: E402
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from convert.errors import GraftError
+
 #: ArcFace / InsightFace 5-point template in a 112 x 112 crop, in faces.types.LANDMARKS order
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                         [41.5493, 92.3655], [70.7299, 92.2041]], np.float32)
@@ -84,9 +86,12 @@ def crop_aligned(image: np.ndarray, landmarks: np.ndarray, size: int, margin: fl
 
 def crop_face(image: np.ndarray, box: np.ndarray, landmarks: np.ndarray | None, size: int, margin: float,
               align: bool) -> np.ndarray:
-    """The crop the settings ask for: aligned on the landmarks, or the padded square box."""
+    """The crop the settings ask for: aligned on the landmarks, or the padded square box. ``graft faces``
+    always has landmarks for ``--align`` (MTCNN's own, or ONet's on other detectors' boxes); a library
+    caller without them gets a one-line :class:`GraftError`, which the command line prints as such."""
     if align:
         if landmarks is None:
-            raise ValueError("--align needs landmarks, and this face has none")
+            raise GraftError("--align needs 5 landmarks per face, and this face has none (detector without landmarks "
+                             "and no MTCNN ONet package, mtcnn-det3, to find them)")
         return crop_aligned(image, landmarks, size, margin)
     return crop_box(image, box, size, margin)

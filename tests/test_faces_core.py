@@ -93,6 +93,7 @@ def test_decoding_equals_the_authors_onnx_export(ultraface):
                                   providers=["CPUExecutionProvider"])
     photos = [_rgb(MTCNN / "test1.jpg"), _rgb(sorted((IMDB / "gender-data" / "test" / "male").iterdir())[0])]
     x = ultraface.net.inputs(photos)
+    np.testing.assert_array_equal(x, np.stack([ultraface.net.pre.transform(np.ascontiguousarray(p[:, :, ::-1])) for p in photos]))
     ours = ultraface.net.backend.run(x)
     runs = [theirs.run(["boxes", "scores"], {"input": x[k:k + 1]}) for k in range(len(x))]  # their export: batch 1
     boxes, scores = (np.concatenate([r[i] for r in runs]) for i in (0, 1))
@@ -181,6 +182,15 @@ def test_crops_are_padded_not_shifted_and_aligned_on_the_template():
     m = similarity(lm, 224, 0.2)
     np.testing.assert_allclose(np.c_[lm, np.ones(5)] @ m.T, template(224, 0.2), atol=1e-3)
     assert crop_aligned(np.zeros((500, 600, 3), np.uint8), lm, 224, 0.2).shape == (224, 224, 3)
+
+
+def test_align_without_landmarks_is_a_one_line_error():
+    from convert.errors import GraftError
+    from faces.align import crop_face
+
+    with pytest.raises(GraftError, match="--align needs 5 landmarks"):
+        crop_face(np.zeros((50, 50, 3), np.uint8), np.array([5.0, 5, 40, 40]), None, 32, 0.2, align=True)
+    assert crop_face(np.zeros((50, 50, 3), np.uint8), np.array([5.0, 5, 40, 40]), None, 32, 0.2, align=False).shape == (32, 32, 3)
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -1,6 +1,6 @@
 """graft's MTCNN against the same cascade run by OpenCV's own Caffe importer, on real photos.
 
-The reference below is a plain port of kpzhang93's ``detect_face.m`` (as ipazc/mtcnn writes it
+The reference (tests/_opencv_faces.py) is a plain port of kpzhang93's ``detect_face.m`` (as ipazc/mtcnn writes it
 in Python) whose nets are ``cv2.dnn.readNetFromCaffe`` on the test bed's prototxts and
 caffemodels, and whose NMS is ``nms.m`` in numpy: nothing of graft's converter, runtime or NMS.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _opencv_faces import Reference
 
 from faces.detectors.mtcnn import MTCNN, any_size_onnx, convert_mtcnn, onet_landmarks
 
@@ -30,142 +31,6 @@ def read_rgb(path: Path) -> np.ndarray:
 def sample_crops(n: int = 100, seed: int = 0) -> list[Path]:
     files = sorted(CROPS.rglob("*.jpg"))
     return [files[i] for i in sorted(np.random.default_rng(seed).choice(len(files), n, replace=False))]
-
-
-# -- the reference: detect_face.m on OpenCV DNN ---------------------------------------------------
-
-def ref_nms(boxes, threshold, mode):
-    x1, y1, x2, y2, s = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4]
-    area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = np.argsort(s, kind="stable")  # MATLAB's sort: ties keep their order, the last is taken
-    pick = []
-    while order.size:
-        i = order[-1]
-        pick.append(i)
-        rest = order[:-1]
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = w * h
-        o = inter / np.minimum(area[i], area[rest]) if mode == "Min" else inter / (area[i] + area[rest] - inter)
-        order = rest[o <= threshold]
-    return np.array(pick, dtype=int)
-
-
-def ref_rerec(b):
-    b = b.copy()
-    h, w = b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]
-    side = np.maximum(w, h)
-    b[:, 0] = b[:, 0] + w * 0.5 - side * 0.5
-    b[:, 1] = b[:, 1] + h * 0.5 - side * 0.5
-    b[:, 2:4] = b[:, 0:2] + np.transpose(np.tile(side, (2, 1)))
-    return b
-
-
-def ref_bbreg(b, reg):
-    b = b.copy()
-    w, h = b[:, 2] - b[:, 0] + 1, b[:, 3] - b[:, 1] + 1
-    b[:, 0:4] = np.transpose(np.vstack([b[:, 0] + reg[:, 0] * w, b[:, 1] + reg[:, 1] * h,
-                                        b[:, 2] + reg[:, 2] * w, b[:, 3] + reg[:, 3] * h]))
-    return b
-
-
-def ref_pad(b, w, h):
-    tmpw = (b[:, 2] - b[:, 0] + 1).astype(np.int32)
-    tmph = (b[:, 3] - b[:, 1] + 1).astype(np.int32)
-    dx, dy = np.ones(len(b), np.int32), np.ones(len(b), np.int32)
-    edx, edy = tmpw.copy(), tmph.copy()
-    x, y, ex, ey = (b[:, i].astype(np.int32) for i in range(4))
-    t = ex > w
-    edx[t] = -ex[t] + w + tmpw[t]
-    ex[t] = w
-    t = ey > h
-    edy[t] = -ey[t] + h + tmph[t]
-    ey[t] = h
-    t = x < 1
-    dx[t] = 2 - x[t]
-    x[t] = 1
-    t = y < 1
-    dy[t] = 2 - y[t]
-    y[t] = 1
-    return dy, edy, dx, edx, y, ey, x, ex, tmpw, tmph
-
-
-def ref_crops(img, b, side):
-    h, w = img.shape[:2]
-    dy, edy, dx, edx, y, ey, x, ex, tmpw, tmph = ref_pad(b, w, h)
-    out = np.zeros((len(b), side, side, 3))
-    for k in range(len(b)):
-        tmp = np.zeros((tmph[k], tmpw[k], 3))
-        tmp[dy[k] - 1:edy[k], dx[k] - 1:edx[k]] = img[y[k] - 1:ey[k], x[k] - 1:ex[k]]
-        out[k] = cv2.resize(tmp, (side, side), interpolation=cv2.INTER_AREA)
-    # MATLAB Caffe's layout: (N, C, W, H)
-    return np.ascontiguousarray(((out - 127.5) * 0.0078125).transpose(0, 3, 2, 1), dtype=np.float32)
-
-
-class Reference:
-    def __init__(self, min_size=20, thresholds=(0.6, 0.7, 0.7), factor=0.709):
-        self.nets = [cv2.dnn.readNetFromCaffe(str(CAFFE / f"det{i}.prototxt"), str(CAFFE / f"det{i}.caffemodel"))
-                     for i in (1, 2, 3)]
-        self.min_size, self.t, self.factor = min_size, thresholds, factor
-
-    def run(self, i, blob, names):
-        self.nets[i].setInput(blob)
-        return self.nets[i].forward(names)
-
-    def detect(self, img):
-        """(N, 5) boxes and (N, 10) points [x1..x5, y1..y5] of a uint8 RGB image (the pyramid is
-        resized as uint8, the crops as float, as ipazc/mtcnn does), as detect_face.m returns them."""
-        h, w = img.shape[:2]
-        m = 12.0 / self.min_size
-        minl, scales = min(h, w) * m, []
-        while minl >= 12:
-            scales.append(m * self.factor ** len(scales))
-            minl *= self.factor
-        total = np.zeros((0, 9))
-        for scale in scales:
-            hs, ws = int(np.ceil(h * scale)), int(np.ceil(w * scale))
-            im = (cv2.resize(img, (ws, hs), interpolation=cv2.INTER_AREA) - 127.5) * 0.0078125
-            reg, prob = self.run(0, np.ascontiguousarray(im.transpose(2, 1, 0)[None], dtype=np.float32),
-                                 ["conv4-2", "prob1"])
-            imap = prob[0, 1].T  # (H, W)
-            dx1, dy1, dx2, dy2 = (reg[0, c].T for c in range(4))
-            yy, xx = np.where(imap >= self.t[0])
-            bb = np.transpose(np.vstack([xx, yy])).astype(float)
-            q1, q2 = np.fix((2 * bb + 1) / scale), np.fix((2 * bb + 12) / scale)
-            boxes = np.hstack([q1, q2, imap[yy, xx][:, None],
-                               np.transpose(np.vstack([dx1[yy, xx], dy1[yy, xx], dx2[yy, xx], dy2[yy, xx]]))])
-            if len(boxes):
-                total = np.vstack([total, boxes[ref_nms(boxes, 0.5, "Union")]])
-        if not len(total):
-            return np.zeros((0, 5)), np.zeros((0, 10))
-        total = total[ref_nms(total, 0.7, "Union")]
-        regw, regh = total[:, 2] - total[:, 0], total[:, 3] - total[:, 1]
-        total = np.transpose(np.vstack([total[:, 0] + total[:, 5] * regw, total[:, 1] + total[:, 6] * regh,
-                                        total[:, 2] + total[:, 7] * regw, total[:, 3] + total[:, 8] * regh, total[:, 4]]))
-        total = ref_rerec(total)
-        total[:, 0:4] = np.fix(total[:, 0:4])
-        reg, prob = self.run(1, ref_crops(img, total, 24), ["conv5-2", "prob1"])
-        score = prob.reshape(-1, 2)[:, 1]
-        ok = score > self.t[1]
-        total = np.hstack([total[ok, 0:4], score[ok, None]])
-        mv = reg.reshape(-1, 4)[ok]
-        if not len(total):
-            return np.zeros((0, 5)), np.zeros((0, 10))
-        pick = ref_nms(total, 0.7, "Union")
-        total = ref_rerec(ref_bbreg(total[pick], mv[pick]))
-        total = np.fix(total)
-        reg, pts, prob = self.run(2, ref_crops(img, total, 48), ["conv6-2", "conv6-3", "prob1"])
-        score = prob.reshape(-1, 2)[:, 1]
-        ok = score > self.t[2]
-        points = pts.reshape(-1, 10)[ok].T
-        total = np.hstack([total[ok, 0:4], score[ok, None]])
-        mv = reg.reshape(-1, 4)[ok]
-        w_, h_ = total[:, 2] - total[:, 0] + 1, total[:, 3] - total[:, 1] + 1
-        points[0:5] = np.tile(w_, (5, 1)) * points[0:5] + np.tile(total[:, 0], (5, 1)) - 1
-        points[5:10] = np.tile(h_, (5, 1)) * points[5:10] + np.tile(total[:, 1], (5, 1)) - 1
-        total = ref_bbreg(total, mv)
-        pick = ref_nms(total, 0.7, "Min")
-        return total[pick], points.T[pick]
 
 
 # -- fixtures -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ converted with the right preset needs no pixel code of its own; inference is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,10 @@ class PackageNet:
             raise GraftError(f"--detector {pkg.name}: {err}") from None
         if self.pre.output_size() is None:
             raise GraftError(f"--detector {pkg.name}: the package has no fixed input size")
+        # the photos come RGB: a Preprocess of the opposite channel order gives a 3-channel model its
+        # order without first copying each full-size photo to BGR (resizing is per channel)
+        swap = {"rgb": "bgr", "bgr": "rgb"}.get(self.pre.channel_order)
+        self._rgb_pre = dataclasses.replace(self.pre, channel_order=swap) if swap else None
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -38,8 +43,13 @@ class PackageNet:
         return self.pre.output_size()  # type: ignore[return-value]
 
     def inputs(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """RGB uint8 photos -> the float32 NCHW batch the package expects."""
-        return np.stack([self.pre.transform(np.ascontiguousarray(im[:, :, ::-1])) for im in images])
+        """RGB uint8 photos -> the float32 NCHW batch the package expects: each photo resized (and
+        cropped) as uint8, then normalised as one batch (``Preprocess.normalize``: the same float32
+        operations as photo by photo, so equal to ``pre.transform`` of each BGR photo)."""
+        if self._rgb_pre is None:  # gray
+            return np.stack([self.pre.transform(np.ascontiguousarray(im[:, :, ::-1])) for im in images])
+        pre = self._rgb_pre
+        return pre.normalize(np.stack([pre._centre_crop(pre.fit(im)) for im in images]))
 
     def __call__(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         return self.backend.run(self.inputs(images))
