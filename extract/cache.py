@@ -81,14 +81,17 @@ def cache_key(config: Mapping[str, Any]) -> str:
     return f"{config['dtype']}{l2}-{config.get('precision', 'fp32')}-{digest}"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``<path>.<pid>.tmp`` then ``os.replace``: readers see old or new, never half."""
+def _atomic_write_bytes(path: Path, write, fsync: bool = True) -> None:
+    """Write through ``<path>.<pid>.tmp`` then ``os.replace``: readers see old or new, never half.
+    ``fsync=False`` keeps that against a killed process but not a power loss (for many small files
+    whose reader checks them, where an fsync each would cost more than the write)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

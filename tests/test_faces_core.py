@@ -246,6 +246,10 @@ def test_cli_end_to_end_then_extract(root, ultraface, photos, capsys):
     shutil.copy(sorted((IMDB / "age-data" / "test" / "old").iterdir())[0], photos / "female" / "added.jpg")
     rc, stdout, _ = _cli(capsys, *base)
     assert "14 photos: 13 faces written, 1 computed" in stdout and "13 done before" in stdout
+    torn = out / faces["path"].iloc[0]  # a crop a power loss emptied after its record was renamed
+    torn.write_bytes(b"")
+    rc, stdout, _ = _cli(capsys, *base)
+    assert "14 photos: 13 faces written, 1 computed" in stdout and decode(torn).shape == (112, 112, 3)
 
     rc, _, err = _cli(capsys, *[a if a != "0.3" else "0.2" for a in base])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "other settings (margin 0.3 -> 0.2)" in err
