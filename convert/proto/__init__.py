@@ -18,11 +18,13 @@ def _load() -> SimpleNamespace:
     pool = descriptor_pool.DescriptorPool()
     for fd in fds.file:
         pool.Add(fd)
+    # GetMessageClass arrived in protobuf 4.22; MessageFactory.GetPrototype (removed in 5.x) before it
+    make = getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
     ns = {}
     for fd in fds.file:
         for msg in fd.message_type:
             desc = pool.FindMessageTypeByName(f"{fd.package}.{msg.name}")
-            ns[msg.name] = message_factory.GetMessageClass(desc)
+            ns[msg.name] = make(desc)
     return SimpleNamespace(**ns)
 
 
