@@ -92,7 +92,13 @@ def read_text_message(path: str | Path, message: Any, label: str = "", expected:
     try:
         text_format.Parse(text, message, allow_unknown_field=True)
     except text_format.ParseError as err:
-        raise GraftError(f"{where}: prototxt syntax error at line {str(err).split(':')[0]}: {_after_location(err)}") from None
+        hint = ""
+        if "Invalid field value: [" in str(err):  # protobuf < 6.31 cannot skip a list-valued unknown field
+            from google.protobuf import __version__ as pb_version
+
+            hint = (f" (protobuf {pb_version} cannot skip a fork's field written as a list [a, b]: "
+                    "pip install 'protobuf>=6.31', or write the field once per value)")
+        raise GraftError(f"{where}: prototxt syntax error at line {str(err).split(':')[0]}: {_after_location(err)}{hint}") from None
     if notes is not None:
         notes.extend(unknown_field_notes(text, message.DESCRIPTOR))
     return text

@@ -183,7 +183,8 @@ def test_a_row_in_two_shards_is_read_from_the_first(tmp_path):
         w.add(shas, [f"p{i}" for i in range(9)], {"fc": rng.standard_normal((9, 3))})
         w.flush()
     np.save(key / "emb_fc_000007.npy", rng.standard_normal((2, 3)).astype(np.float16))  # rows 5, 1 again, other numbers
-    pd.DataFrame({"sha256": [shas[5], shas[1]], "path": ["again5", "again1"]}).to_parquet(key / "meta_000007.parquet")
+    pd.DataFrame({"sha256": pd.array([shas[5], shas[1]], dtype="string"),  # as CacheWriter writes its metas
+                  "path": pd.array(["again5", "again1"], dtype="string")}).to_parquet(key / "meta_000007.parquet")
     for bs in (1, 2, 50):
         X, meta = load_embeddings(key, "fc")
         _assert_same(list(iter_embeddings(key, "fc", batch_size=bs)), X, meta, bs)

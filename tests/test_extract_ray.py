@@ -40,7 +40,8 @@ pytestmark = pytest.mark.skipif(not DET3.is_dir() or not GENDER.is_dir() or not 
 def cluster():
     """A local two-CPU cluster; its address lets CLI subprocesses join it as drivers."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        # address="local": a new cluster even when another runs on this machine (ray.init would join it)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
