@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,8 @@ class Cluster:
         if cpus_per_worker is None:
             # a GPU worker decodes for its GPU: give it its share of the cores
             cpus_per_worker = max(1.0, math.floor(cpus_total / max(1.0, gpus_total / gpus_per_worker))) if gpus_per_worker else 1.0
+        if cpus_per_worker > cpus_total:  # the actors would wait for resources forever
+            raise BackendError(f"--cpus-per-worker {cpus_per_worker:g}: {self.describe()} has not that many CPUs")
         if workers is None:
             workers = int(gpus_total // gpus_per_worker) if gpus_per_worker else int(cpus_total // cpus_per_worker)
         workers = max(1, workers)
@@ -172,12 +175,16 @@ def _use_auth_token() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+@dataclass(frozen=True)
 class WorkerPlan:
-    """What each actor runs and reserves."""
+    """What each actor runs (backend kind, device, precision) and reserves (CPUs, GPUs), and how many."""
 
-    def __init__(self, kind: str, device: str, precision: str, workers: int, cpus: float, gpus: float) -> None:
-        self.kind, self.device, self.precision = kind, device, precision
-        self.workers, self.cpus, self.gpus = workers, cpus, gpus
+    kind: str
+    device: str
+    precision: str
+    workers: int
+    cpus: float
+    gpus: float
 
     @property
     def name(self) -> str:

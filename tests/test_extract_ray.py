@@ -233,6 +233,8 @@ def test_cli_errors_are_one_line(world, cluster, tmp_path, capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "no GPUs" in err
     assert cli.main([*common, "--device", "cuda:1"]) == 2
     assert "--gpus-per-worker" in capsys.readouterr().err
+    assert cli.main([*common, "--cpus-per-worker", "64"]) == 2  # more than the cluster has: would wait forever
+    assert "has not that many CPUs" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # nothing written before the plan stands
 
 
