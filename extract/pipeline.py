@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -107,20 +107,29 @@ def _load_one(pp: Preprocess, path: str, shape: tuple[int, ...] | None, uint8: b
     return x
 
 
-def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[str], Any], items: Sequence[tuple[int, str]], depth: int) -> Iterator[tuple[int, str, Any]]:
-    """Yield ``(i, path, fn(path))`` in order while up to ``depth`` calls run ahead."""
+def run_ahead(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], depth: int) -> Iterator[tuple[Any, Any]]:
+    """Yield ``(item, fn(item))`` in order while up to ``depth`` calls run ahead in ``pool``."""
     it = iter(items)
-    queue: deque[tuple[int, str, Future]] = deque()
-    for i, path in it:
-        queue.append((i, path, pool.submit(fn, path)))
+    queue: deque[tuple[Any, Future]] = deque()
+    for item in it:
+        queue.append((item, pool.submit(fn, item)))
         if len(queue) >= depth:
             break
     while queue:
-        i, path, fut = queue.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            queue.append((nxt[0], nxt[1], pool.submit(fn, nxt[1])))
-        yield i, path, fut.result()
+        item, fut = queue.popleft()
+        nxt = next(it, _END)
+        if nxt is not _END:
+            queue.append((nxt, pool.submit(fn, nxt)))
+        yield item, fut.result()
+
+
+_END = object()
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[str], Any], items: Sequence[tuple[int, str]], depth: int) -> Iterator[tuple[int, str, Any]]:
+    """Yield ``(i, path, fn(path))`` in order while up to ``depth`` calls run ahead."""
+    for (i, path), result in run_ahead(pool, lambda item: fn(item[1]), items, depth):
+        yield i, path, result
 
 
 DUPLICATE = "duplicate"  # another path of this run holds the same bytes and computes them

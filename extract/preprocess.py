@@ -406,7 +406,11 @@ def decode(path: str | Path, gray: bool = False, reduce_for: Callable[[int, int]
     ``reduce_for`` ((h, w) -> the size the image will be resized to) lets a JPEG decode at 1/2,
     1/4 or 1/8 scale while staying at least that size: much faster for big photos, not exact.
     """
-    data = _read(path)
+    return decode_bytes(_read(path), gray, reduce_for)
+
+
+def decode_bytes(data: bytes, gray: bool = False, reduce_for: Callable[[int, int], HW] | None = None) -> np.ndarray:
+    """:func:`decode` of a file's bytes already read (a caller that hashed them reads once)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, "palette images with transparency"

@@ -42,10 +42,7 @@ def contact_sheets(out: str | Path, faces: pd.DataFrame, n: int = 16) -> list[st
     (out / "sheets").mkdir(exist_ok=True)
     written = []
     photos = _sample(list(dict.fromkeys(faces["photo"])), n)
-    rows, cols = _grid(len(photos))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _blank_grid(plt, len(photos), 3.0)
     for ax, photo in zip(axes.flat, photos):
         try:
             ax.imshow(decode(photo)[:, :, ::-1])
@@ -60,10 +57,7 @@ def contact_sheets(out: str | Path, faces: pd.DataFrame, n: int = 16) -> list[st
         ax.set_title(Path(photo).name[:28], fontsize=7)
     written.append(_save(fig, out / "sheets" / "photos.png"))
     crops = _sample(faces["path"].tolist(), max(n, 4 * n))
-    rows, cols = _grid(len(crops))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _blank_grid(plt, len(crops), 1.5)
     for ax, rel in zip(axes.flat, crops):
         try:
             ax.imshow(decode(out / rel)[:, :, ::-1])
@@ -71,6 +65,15 @@ def contact_sheets(out: str | Path, faces: pd.DataFrame, n: int = 16) -> list[st
             continue
     written.append(_save(fig, out / "sheets" / "crops.png"))
     return written
+
+
+def _blank_grid(plt, n: int, inches: float):
+    """A figure of ``n`` cells (``inches`` square each) with every axis hidden."""
+    rows, cols = _grid(n)
+    fig, axes = plt.subplots(rows, cols, figsize=(inches * cols, inches * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
 
 
 def _save(fig, path: Path) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ class _Photo:
 
 
 def _load(folder: FacesFolder, row: dict) -> _Photo:
-    from extract.preprocess import ImageError, _read, decode
+    from extract.preprocess import ImageError, _read, decode_bytes
 
     photo = _Photo(row)
     try:
@@ -78,7 +78,7 @@ def _load(folder: FacesFolder, row: dict) -> _Photo:
     photo.done_before = photo.record is not None
     if photo.record is None:
         try:
-            photo.image = np.ascontiguousarray(decode(row["path"])[:, :, ::-1])
+            photo.image = np.ascontiguousarray(decode_bytes(data)[:, :, ::-1])
         except ImageError as err:
             photo.failure = str(err)
     return photo
@@ -86,14 +86,11 @@ def _load(folder: FacesFolder, row: dict) -> _Photo:
 
 def _ahead(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, window: int) -> Iterator[Any]:
     """``map(fn, items)`` in threads, in order, at most ``window`` results held."""
+    from extract.pipeline import run_ahead
+
     with ThreadPoolExecutor(workers, thread_name_prefix="graft-faces") as pool:
-        pending: list[Future] = []
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for f in pending:
-            yield f.result()
+        for _, result in run_ahead(pool, fn, items, window):
+            yield result
 
 
 def _batches(photos: Iterable[_Photo], size: int) -> Iterator[list[_Photo]]:
