@@ -27,6 +27,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .blas import scipy_blas_single_thread
 from .torch_mlp import TorchMLP, resolve_mlp_backend
 
 PREPROCESS_MODES = ("none", "standardize", "l2", "l2+standardize")
@@ -183,7 +184,8 @@ def fit_logistic(
         loss += 0.5 * alpha / n * float(np.sum(W * W))
         return float(loss), np.concatenate([gW.ravel(), G.sum(axis=0)])
 
-    res = minimize(fun, w0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-10})
+    with scipy_blas_single_thread():  # heads/blas.py: two OpenBLAS pools fighting cost 10-20x here
+        res = minimize(fun, w0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-10})
     if not res.success and res.nit >= max_iter:
         warnings.warn(f"logistic regression stopped after {max_iter} iterations", ConvergenceWarning, stacklevel=2)
     return res.x[: d * k].reshape(d, k).astype(np.float32), res.x[d * k :].astype(np.float32), int(res.nit)

@@ -175,3 +175,43 @@ def test_torch_mlp_regression_and_auto_backend():
     assert resolve_mlp_backend("auto", LARGE_DATA, 1) == ("torch" if cuda_available() else "sklearn")
     with pytest.raises(ValueError, match="mlp_backend"):
         resolve_mlp_backend("jax", 1, 1)
+
+
+def test_search_balanced_accuracy_equals_sklearn():
+    """The search's own balanced accuracy is scikit-learn's, classes missing from y_pred included."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from heads.search import balanced_accuracy
+
+    rng = np.random.default_rng(3)
+    for k in (2, 3, 7):
+        y_true = rng.integers(0, k, 300)
+        y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, k, 300))
+        assert balanced_accuracy(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
+    y_true, y_pred = np.array([0, 0, 1, 1, 1]), np.array([0, 2, 2, 1, 1])  # a predicted class never true
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert balanced_accuracy(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+
+
+def test_scipy_blas_single_thread_limits_only_scipy_and_restores():
+    """pip wheels bundle two OpenBLAS pools; during L-BFGS scipy's runs on one thread, numpy's untouched."""
+    from pathlib import Path
+
+    from threadpoolctl import threadpool_info
+
+    from heads.blas import _scipy_only_blas, scipy_blas_single_thread
+
+    def threads() -> dict[str, int]:
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = threads()
+    paths = _scipy_only_blas()
+    if len(before) > 1:  # numpy's and scipy's own copies (pip wheels, as CI installs)
+        assert paths
+    with scipy_blas_single_thread():
+        inside = threads()
+    assert threads() == before
+    for path, n in inside.items():
+        limited = str(Path(path).resolve()) in paths
+        assert n == (1 if limited else before[path]), path
