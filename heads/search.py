@@ -17,7 +17,10 @@ score is behind ridge's by more than the spread of ridge's fold scores goes no f
 is probed at one penalty before its others are tried); otherwise every penalty is scored on the
 first fold and only the best third of each head's penalties on the remaining folds. The choice
 is made among those fully cross-validated; the others stay in the table, marked
-``screened_out``. With one validation fold there is nothing to race or halve.
+``screened_out``. With one validation fold (large data) the race is the same, ridge's spread
+measured on five parts of that fold; the MLP is searched on :data:`LARGE_N` sampled training
+rows (halving over rows, as ``HalvingGridSearchCV``'s ``resource="n_samples"``) and refit once
+on all of them.
 
 Scores are "higher is better": balanced accuracy (default) or accuracy for classification,
 negative RMSE (default) or R^2 for regression. Ties go to the stronger penalty.
@@ -158,8 +161,9 @@ def _ridge_path(
         Ws = [((V * (1.0 / (np.maximum(e, 0.0) + a))) @ B) / sd[:, None] for a in alphas]
         W = np.concatenate(Ws, axis=1).astype(np.float32)
         b = np.concatenate([ym - mu @ w for w in Ws])
-        P = (Zg[parts[f]] @ W).astype(np.float64) + b
-        preds.append(P.reshape(len(parts[f]), len(alphas), T.shape[1]))
+        va = folds[f][1]  # in the fold's own order (a hold-out fold is shuffled), as the caller scores it
+        P = (Zg[va] @ W).astype(np.float64) + b
+        preds.append(P.reshape(len(va), len(alphas), T.shape[1]))
     return preds
 
 
@@ -245,14 +249,19 @@ def search(
             }
         )
 
+    part_scores: dict[tuple[str, float], list[float]] = {}  # one validation fold: ridge's scores on its fifths
+
     def race_bar() -> tuple[float, float] | None:
         """(ridge's best first-fold score, the spread of its fold scores) once ridge is scored:
-        the bar the other heads must come near on the first fold to be cross-validated."""
-        rows = [r for r in table if r["head"] == "ridge" and len(r["fold_scores"]) > 1]
-        if not rows or len(folds) < 2:
+        the bar the other heads must come near on the first fold to be cross-validated. With one
+        validation fold the spread is that of ridge's best on five parts of it (each part as
+        large as a fold of 5-fold CV would be), the same measure of noise."""
+        rows = [r for r in table if r["head"] == "ridge" and (len(r["fold_scores"]) > 1 or (r["preprocess"], r["alpha"]) in part_scores)]
+        if not rows:
             return None
         best = max(rows, key=lambda r: r["score"])
-        return max(r["fold_scores"][0] for r in rows), float(np.std(best["fold_scores"]))
+        spread = best["fold_scores"] if len(folds) > 1 else part_scores[(best["preprocess"], best["alpha"])]
+        return max(r["fold_scores"][0] for r in rows), float(np.std(spread))
 
     # ridge first (its whole path costs about one fit): its scores are the bar of the race
     for head in sorted(heads, key=lambda h: h != "ridge" or n_components is not None):
@@ -267,12 +276,20 @@ def search(
                     for (_, va), P in zip(folds, preds):
                         out = P[:, j, :]
                         fs.append(score(kind, scoring, yi[va], _decide(out) if kind == "classification" else out[:, 0]))
+                    if len(folds) == 1 and len(folds[0][1]) >= 5 * 20:
+                        out = preds[0][:, j, :]
+                        pred = _decide(out) if kind == "classification" else out[:, 0]
+                        parts = np.array_split(np.random.default_rng(seed).permutation(len(out)), 5)
+                        part_scores[(mode, a)] = [score(kind, scoring, yi[folds[0][1][q]], pred[q]) for q in parts]
                     add(head, mode, a, fs, (time.perf_counter() - t1) / len(grid))
                 say(f"  ridge/{mode}: {len(grid)} penalties x {len(folds)} fold(s) in {time.perf_counter() - t1:.1f} s")
                 continue
             def run_fold(f: int, penalties: Sequence[float], head: str = head, mode: str = mode) -> dict[float, tuple[float, float]]:
                 """(score, seconds) of each penalty on fold ``f``; logreg walks them strong to weak, warm-started."""
                 tr, va = folds[f]
+                if head == "mlp" and holdout is not None and len(tr) > LARGE_N:
+                    # successive halving over rows: the MLP is searched on a sample, refit once on all
+                    tr = np.sort(np.random.default_rng(seed).choice(tr, LARGE_N, replace=False))
                 pre = FeaturePreprocessor(mode=mode, n_components=n_components, random_state=seed)
                 Ztr = pre.fit_transform(X[tr])
                 Zva = pre.transform(X[va])

@@ -91,12 +91,16 @@ def test_ridge_regressor_matches_sklearn():
 
 @pytest.mark.parametrize("n, d", [(400, 60), (80, 200)])  # primal (d x d) and kernel (n x n) paths
 @pytest.mark.parametrize("mode", ["none", "standardize", "l2", "l2+standardize"])
-def test_ridge_path_equals_one_fit_per_penalty(mode, n, d):
-    """The shared-decomposition CV path gives the same validation predictions as separate fits."""
+@pytest.mark.parametrize("holdout", [None, 0.25])  # k folds, or one shuffled validation fold (large data)
+def test_ridge_path_equals_one_fit_per_penalty(mode, n, d, holdout):
+    """The shared-decomposition CV path gives the same validation predictions as separate fits,
+    in the order of each fold's validation rows."""
     X, y = _clf(k=3, n=n, d=d)
     yi = np.searchsorted(np.unique(y), y)
     T = ridge_targets(yi, 3)
-    folds = cv_folds(yi, None, kind="classification", n_splits=4)
+    folds = cv_folds(yi, None, kind="classification", n_splits=4, holdout=holdout)
+    if holdout is not None:
+        assert len(folds) == 1 and np.any(np.diff(folds[0][1]) < 0)  # the case that found the bug: shuffled
     alphas = [0.5, 50.0, 5000.0]
     preds = _ridge_path(X, T, folds, mode, alphas)
     for f, (tr, va) in enumerate(folds):
@@ -215,3 +219,32 @@ def test_scipy_blas_single_thread_limits_only_scipy_and_restores():
     for path, n in inside.items():
         limited = str(Path(path).resolve()) in paths
         assert n == (1 if limited else before[path]), path
+
+
+def test_one_validation_fold_races_the_mlp_against_ridge(monkeypatch):
+    """Large data (one validation fold): the MLP is probed once, on sampled rows, and screened out
+    when ridge is ahead by more than its spread over five parts of the fold; ridge is chosen."""
+    import heads.search as hs
+
+    monkeypatch.setattr(hs, "LARGE_N", 1500)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2500, 12)).astype(np.float32)
+    y = X @ rng.standard_normal(12) + 0.1 * rng.standard_normal(2500)  # linear: ridge's game
+    fits = []
+    real = hs.make_head
+
+    def spy(*args, **kwargs):
+        est = real(*args, **kwargs)
+        fit = est.fit
+        est.fit = lambda Z, t: (fits.append(len(Z)), fit(Z, t))[1]
+        return est
+
+    monkeypatch.setattr(hs, "make_head", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = hs.search(X, y, kind="regression", heads=["ridge", "mlp"], max_iter=30)
+    assert res.cv == "validation fold 0.2"
+    mlp = [r for r in res.table if r["head"] == "mlp"]
+    assert len(mlp) == 1 and mlp[0]["screened_out"]
+    assert fits == [1500]  # one probe, on LARGE_N of the 2,000 training rows
+    assert res.best["head"] == "ridge" and -max(r["score"] for r in res.table) < 0.2  # RMSE near the noise
