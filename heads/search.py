@@ -271,16 +271,17 @@ def search(
             if head == "ridge" and n_components is None:
                 T = ridge_targets(yi, k) if kind == "classification" else yi[:, None]
                 preds = _ridge_path(X, T, folds, mode, grid)
+                va0 = folds[0][1]
+                fifths = (np.array_split(np.random.default_rng(seed).permutation(len(va0)), 5)
+                          if len(folds) == 1 and len(va0) >= 5 * 20 else None)
                 for j, a in enumerate(grid):
                     fs = []
                     for (_, va), P in zip(folds, preds):
                         out = P[:, j, :]
-                        fs.append(score(kind, scoring, yi[va], _decide(out) if kind == "classification" else out[:, 0]))
-                    if len(folds) == 1 and len(folds[0][1]) >= 5 * 20:
-                        out = preds[0][:, j, :]
                         pred = _decide(out) if kind == "classification" else out[:, 0]
-                        parts = np.array_split(np.random.default_rng(seed).permutation(len(out)), 5)
-                        part_scores[(mode, a)] = [score(kind, scoring, yi[folds[0][1][q]], pred[q]) for q in parts]
+                        fs.append(score(kind, scoring, yi[va], pred))
+                    if fifths is not None:  # one validation fold: its five parts measure ridge's noise
+                        part_scores[(mode, a)] = [score(kind, scoring, yi[va0[q]], pred[q]) for q in fifths]
                     add(head, mode, a, fs, (time.perf_counter() - t1) / len(grid))
                 say(f"  ridge/{mode}: {len(grid)} penalties x {len(folds)} fold(s) in {time.perf_counter() - t1:.1f} s")
                 continue
